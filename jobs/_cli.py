@@ -1,0 +1,27 @@
+"""Shared command-line conventions: one-line usage errors with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; reported in one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+def fail_usage(prog: str, message: str) -> int:
+    """Print ``message`` as a one-line usage error and return the usage exit code."""
+    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "error"
+    print(f"{prog}: error: {first_line}", file=sys.stderr)
+    return USAGE_ERROR

@@ -1,0 +1,137 @@
+"""Segment every image of an archive with Mask R-CNN on Ray; one Parquet row per instance.
+
+    python -m jobs.segment SOURCE --output DEST [options]
+    python -m jobs.segment --resume DEST [--shards 3,17]
+
+Exit codes: 0 all shards committed; 2 usage error; 3 some shards failed (the
+resume command is printed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from jobs._cli import ArgumentParser, fail_usage
+from pipeline import segment
+from pipeline.model import ModelLoadError
+from pipeline.plan import PlanError
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="jobs.segment", description=__doc__.splitlines()[0])
+    parser.add_argument("source", nargs="?", help="folder or URI (s3://, gs://, file://) of images")
+    parser.add_argument("--output", help="run folder or URI (DEST) for a new run")
+    parser.add_argument("--resume", metavar="DEST", help="finish the run at DEST: redo shards not committed")
+    parser.add_argument("--shards", help="with --resume: redo exactly these shard ids (e.g. 3,17)")
+    model = parser.add_argument_group("model (pinned in run.json)")
+    model.add_argument("--model", help="checkpoint path/URI or torchvision:NAME (default: the bundled model)")
+    model.add_argument("--weights", help="for torchvision:NAME: DEFAULT (local cache) or a state-dict path")
+    model.add_argument("--score-threshold", type=float, help="minimum detection score (card default 0.5)")
+    model.add_argument("--mask-threshold", type=float, help="mask probability threshold (card default 0.5)")
+    model.add_argument("--max-detections", type=int, help="instances per image cap (card default 500)")
+    plan = parser.add_argument_group("plan (pinned in run.json)")
+    plan.add_argument("--shard-size", type=int, help="images per shard (default 256)")
+    plan.add_argument("--slide-pattern", help="regex with a named group 'slide' (default: parent folder)")
+    plan.add_argument(
+        "--max-pixels",
+        type=int,
+        help=f"larger images get status too_large (default {segment.DEFAULT_MAX_PIXELS})",
+    )
+    run = parser.add_argument_group("execution")
+    run.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)"
+    )
+    run.add_argument("--replicas", type=int, help="model replicas (default: one per GPU, one without GPUs)")
+    run.add_argument(
+        "--gpus-per-replica", type=float, help="GPUs per replica; fractions pack several per GPU"
+    )
+    run.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica (also torch threads)")
+    run.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    run.add_argument("--max-attempts", type=int, default=3, help="attempts per shard before it is failed")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check(parser: ArgumentParser, args) -> None:
+    if args.resume and (args.source or args.output):
+        parser.error("--resume DEST takes no SOURCE or --output")
+    if not args.resume and not (args.source and args.output):
+        parser.error("give SOURCE and --output DEST, or --resume DEST")
+    if args.shards and not args.resume:
+        parser.error("--shards needs --resume DEST")
+    positive = {
+        "--batch-size": args.batch_size,
+        "--max-attempts": args.max_attempts,
+        "--shard-size": args.shard_size,
+        "--replicas": args.replicas,
+        "--max-detections": args.max_detections,
+        "--max-pixels": args.max_pixels,
+    }
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    for flag, value in {
+        "--score-threshold": args.score_threshold,
+        "--mask-threshold": args.mask_threshold,
+    }.items():
+        if value is not None and not 0 <= value <= 1:
+            parser.error(f"{flag} must be in [0, 1], got {value}")
+    if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
+        parser.error("--gpus-per-replica must be >= 0")
+
+
+def _shard_list(parser: ArgumentParser, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        shards = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--shards takes comma-separated shard ids, got {text!r}")
+    if not shards or min(shards) < 0:
+        parser.error(f"--shards takes comma-separated non-negative shard ids, got {text!r}")
+    return shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    shards = _shard_list(parser, args.shards)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    pinned_flags = {
+        "model": args.model,
+        "weights": args.weights,
+        "shard_size": args.shard_size,
+        "slide_pattern": args.slide_pattern,
+        "score_threshold": args.score_threshold,
+        "mask_threshold": args.mask_threshold,
+        "max_detections": args.max_detections,
+        "max_pixels": args.max_pixels,
+    }
+    execution = segment.ExecutionSettings(
+        address=args.address,
+        replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica,
+        batch_size=args.batch_size,
+        max_attempts=args.max_attempts,
+        progress=False if args.no_progress else None,
+    )
+    try:
+        if args.resume:
+            dest = args.resume
+            pinned, loaded = segment.reopen(dest, pinned_flags)
+        else:
+            dest = args.output
+            given = {k: v for k, v in pinned_flags.items() if v is not None}
+            pinned, loaded = segment.start(dest, segment.PinnedSettings(source=args.source, **given))
+        report = segment.execute(dest, pinned, loaded, execution, shards=shards)
+    except (segment.RunError, PlanError, ModelLoadError) as exc:
+        return fail_usage(parser.prog, str(exc))
+    print(segment.format_report(report))
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Instance segmentation over image archives on Ray: the library behind ``jobs``."""

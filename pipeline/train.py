@@ -1,0 +1,272 @@
+"""Train or fine-tune a torchvision Mask R-CNN on a COCO-annotated image folder.
+
+Recipe: AdamW, linear warm-up then cosine decay, gradient clipping, batches
+sampled with replacement, augmentation by flips, 90-degree rotations and
+intensity jitter (gain, gamma, offset). Every step draws its randomness from
+``(seed, step)``, so an interrupted run resumed from its training state
+continues exactly as it would have.
+
+Fine-tuning: with ``init`` set, the initial model's backbone, FPN and RPN are
+kept; when its classes differ from the dataset's, the box and mask predictors
+are replaced by new ones of the right size (the standard recipe).
+
+Files: the result goes to ``output`` (a checkpoint, see :mod:`pipeline.model`);
+``output + ".train-state"`` holds model, optimiser and step, written atomically
+every ``checkpoint_every`` steps and removed when training completes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from tqdm import tqdm
+
+from pipeline.model import (
+    ModelCard,
+    build_model,
+    configure,
+    resolve_model,
+    save_checkpoint,
+)
+
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (stored in the training state and card)."""
+
+    images: str
+    annotations: str
+    output: str
+    init: str | None = None
+    init_weights: str | None = None
+    arch: str = "maskrcnn_resnet18_fpn_lite"
+    input_size: str | None = None
+    steps: int = 1500
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 100
+    half: bool = False
+    name: str = "custom"
+
+
+class CocoTiles:
+    """Images and instance targets from a COCO instances file.
+
+    ``sample(i, rng)`` returns an augmented ``(image, target)`` pair: image
+    float32 (3, H, W) in [0, 1]; target ``boxes`` float32 (N, 4) xyxy pixels,
+    ``labels`` int64 (N,), ``masks`` uint8 (N, H, W).
+    """
+
+    def __init__(self, images: str | Path, annotations: str | Path):
+        coco = json.loads(Path(annotations).read_text())
+        self.root = Path(images)
+        self.images = coco["images"]
+        self.classes = tuple(c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"]))
+        ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+        if ids != list(range(1, len(ids) + 1)):
+            raise ValueError(f"category ids must be 1..K, got {ids}")
+        self.annotations: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
+        for ann in coco["annotations"]:
+            self.annotations[ann["image_id"]].append(ann)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        info = self.images[index]
+        bgr = cv2.imread(str(self.root / info["file_name"]), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"cannot read training image {self.root / info['file_name']}")
+        image = bgr[..., ::-1].astype(np.float32) / 255
+        anns = self.annotations[info["id"]]
+        h, w = image.shape[:2]
+        if anns:
+            masks = np.moveaxis(mask_utils.decode([a["segmentation"] for a in anns]), -1, 0)
+        else:
+            masks = np.zeros((0, h, w), np.uint8)
+        labels = np.array([a["category_id"] for a in anns], np.int64)
+
+        if rng.random() < 0.5:
+            image, masks = image[:, ::-1], masks[:, :, ::-1]
+        if rng.random() < 0.5:
+            image, masks = image[::-1], masks[:, ::-1]
+        k = int(rng.integers(4))
+        image, masks = np.rot90(image, k, (0, 1)), np.rot90(masks, k, (1, 2))
+        gamma, gain, offset = rng.uniform(0.7, 1.4), rng.uniform(0.6, 1.5), rng.uniform(-0.03, 0.03)
+        image = np.clip(image**gamma * gain + offset, 0, 1)
+
+        keep = masks.reshape(len(masks), -1).any(1)
+        masks, labels = np.ascontiguousarray(masks[keep]), labels[keep]
+        target = {
+            "boxes": torch.from_numpy(boxes_from_masks(masks)),
+            "labels": torch.from_numpy(labels),
+            "masks": torch.from_numpy(masks),
+        }
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+
+
+def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
+    """Tight xyxy boxes (float32, N x 4; x1, y1 exclusive) of non-empty masks (N x H x W)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        boxes[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return boxes
+
+
+def _initial_model(config: TrainConfig, classes: tuple[str, ...]):
+    """(model, card) to start from: scratch, or ``init`` with predictors replaced when needed."""
+    if config.init is None:
+        card = ModelCard(
+            name=config.name,
+            architecture=config.arch,
+            classes=classes,
+            input_size=_input_size(config.input_size or "native"),
+        )
+        return build_model(card), card
+    loaded = resolve_model(config.init, weights=config.init_weights)
+    model, card = loaded.module, loaded.card
+    if card.classes != classes:
+        num_classes = len(classes) + 1
+        box_in = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes)
+        mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
+        hidden = model.roi_heads.mask_predictor.conv5_mask.out_channels
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, hidden, num_classes)
+    card = ModelCard(
+        **{
+            **card.to_dict(),
+            "name": config.name,
+            "classes": classes,
+            "input_size": _input_size(config.input_size or card.input_size),
+        }
+    )
+    fresh = build_model(card)
+    fresh.load_state_dict(model.state_dict())
+    return fresh, card
+
+
+def _input_size(value: str | int) -> str | int:
+    return "native" if value == "native" else int(value)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Warm-up from 1% to ``lr`` over ``warmup_steps``, then cosine decay to 2% of ``lr``."""
+    if step < config.warmup_steps:
+        return config.lr * (0.01 + 0.99 * step / config.warmup_steps)
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _save_state(path: str, model, optimizer, step: int, config: TrainConfig, card: ModelCard):
+    tmp = f"{path}.tmp"
+    torch.save(
+        {
+            "step": step,
+            "config": asdict(config),
+            "card": card.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
+    """Train per ``config``, resuming from ``output.train-state`` when present.
+
+    Returns the mean of each loss term over the first and last 10% of the
+    steps run in this call (``first.loss_mask``, ``last.loss_mask``, ...).
+    """
+    dataset = CocoTiles(config.images, config.annotations)
+    model, card = _initial_model(config, dataset.classes)
+    model.to(config.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    state_path = f"{config.output}.train-state"
+    start = 0
+    if os.path.exists(state_path):
+        state = torch.load(state_path, map_location=config.device, weights_only=True)
+        if state["config"] != asdict(config):
+            raise ValueError(
+                f"{state_path} belongs to a different training configuration; remove it to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resuming training from step {start} of {config.steps}")
+
+    history: list[dict[str, float]] = []
+    started = time.monotonic()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
+    for step in bar:
+        rng = np.random.default_rng([config.seed, step])
+        torch.manual_seed(config.seed * 1_000_003 + step)
+        batch = [dataset.sample(int(i), rng) for i in rng.integers(0, len(dataset), config.batch_size)]
+        images = [im.to(config.device) for im, _ in batch]
+        targets = [{k: v.to(config.device) for k, v in t.items()} for _, t in batch]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        losses = model(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss is {total.item()} at step {step}: {losses}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        history.append({k: v.item() for k, v in losses.items()})
+        bar.set_postfix(
+            {k.removeprefix("loss_")[:6]: f"{np.mean([h[k] for h in history[-20:]]):.3f}" for k in LOSS_NAMES}
+        )
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_state(state_path, model, optimizer, step + 1, config, card)
+
+    card = ModelCard(
+        **{
+            **card.to_dict(),
+            "training": {
+                **asdict(config),
+                "seconds_this_session": round(time.monotonic() - started, 1),
+                "torch": str(torch.__version__),
+            },
+        }
+    )
+    model.eval()
+    configure(model, score_threshold=card.score_threshold, max_detections=card.max_detections)
+    save_checkpoint(config.output, model.cpu(), card, half=config.half)
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    return _loss_summary(history)
+
+
+def _loss_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    if not history:
+        return {}
+    tenth = max(len(history) // 10, 1)
+    summary = {}
+    for name in LOSS_NAMES:
+        summary[f"first.{name}"] = float(np.mean([h[name] for h in history[:tenth]]))
+        summary[f"last.{name}"] = float(np.mean([h[name] for h in history[-tenth:]]))
+    summary["first.total"] = sum(summary[f"first.{n}"] for n in LOSS_NAMES)
+    summary["last.total"] = sum(summary[f"last.{n}"] for n in LOSS_NAMES)
+    return summary

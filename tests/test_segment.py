@@ -1,0 +1,197 @@
+"""The segment job end to end on a real local Ray instance (CPU), local and S3 (DESIGN invariants 2-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import shapely
+import torch
+from pycocotools import mask as mask_utils
+
+from jobs import segment as segment_job
+from pipeline.decode import read_and_decode
+from pipeline.model import load_model
+from tests.conftest import REPO
+
+
+def run(*args) -> int:
+    return segment_job.main([str(a) for a in args] + ["--no-progress"])
+
+
+def read(dest: Path, table: str) -> pd.DataFrame:
+    return pd.read_parquet(dest / table).sort_values(["image_id"], kind="stable").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, archive, random_model_path, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("runs") / "r1"
+    code = run(archive, "--output", dest, "--model", random_model_path, "--shard-size", 4, "--batch-size", 1)
+    assert code == 0
+    return dest
+
+
+def test_every_image_once_and_instances_are_consistent(finished_run, archive):
+    manifest = pd.read_parquet(finished_run / "manifest.parquet")
+    images = read(finished_run, "images")
+    instances = pd.read_parquet(finished_run / "instances")
+    assert sorted(images["uri"]) == sorted(manifest["uri"]) == sorted(str(p) for p in archive.rglob("*.png"))
+    assert images["uri"].is_unique
+    assert (images["status"] == "ok").all()
+    assert len(instances) == images["n_instances"].sum() > 0
+    for row in instances.itertuples():
+        decoded = mask_utils.decode({"size": [row.height, row.width], "counts": row.rle})
+        assert decoded.sum() == row.area > 0
+        polygon = shapely.from_wkb(row.polygon)
+        assert polygon.is_valid and not polygon.is_empty
+    per_slide = instances.groupby("slide_id").size()
+    expected = images.groupby("slide_id")["n_instances"].sum()
+    assert per_slide.to_dict() == expected[expected > 0].to_dict()
+    assert set(manifest["slide_id"]) == {"slide-000", "slide-001"}
+
+
+def test_files_carry_schema_version_and_geoparquet_metadata(finished_run):
+    meta = pq.read_schema(finished_run / "instances" / "shard-00000.parquet").metadata
+    assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"1"
+    geo = json.loads(meta[b"geo"])
+    assert geo["primary_column"] == "polygon" and geo["columns"]["polygon"]["encoding"] == "WKB"
+    marker = json.loads((finished_run / "_commits" / "shard-00000.json").read_text())
+    assert marker["status"] == "committed" and marker["images"] == 4
+    run_json = json.loads((finished_run / "run.json").read_text())
+    assert run_json["model"]["fingerprint"].startswith("sha256:")
+    assert run_json["settings"]["shard_size"] == 4 and run_json["shards"] == 2
+    assert {"torch", "ray", "pyarrow"} <= set(run_json["versions"])
+
+
+def test_rows_equal_torchvision_forward_pasted_and_encoded(finished_run, random_model_path):
+    """Invariant 2 through the whole job: RLE == pycocotools(forward()'s pasted masks >= threshold).
+
+    ``MaskRCNN.forward`` pastes with ``paste_masks_in_image``; the job never does.
+    """
+    model = load_model(str(random_model_path))
+    instances = pd.read_parquet(finished_run / "instances")
+    for image in read(finished_run, "images").itertuples():
+        array = read_and_decode(image.uri, max_pixels=10**8)
+        with torch.inference_mode():
+            out = model([torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)])[0]
+        full = (out["masks"][:, 0] >= 0.5).numpy()
+        expected = [
+            mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
+            for m in full
+            if m.any()
+        ]
+        ours = instances[instances["image_id"] == image.image_id].sort_values("instance_id")
+        assert ours["rle"].tolist() == expected
+        assert image.n_instances + image.n_empty_masks == len(out["boxes"])
+
+
+def test_same_inputs_same_rows(finished_run, archive, random_model_path, tmp_path):
+    again = tmp_path / "again"
+    assert (
+        run(archive, "--output", again, "--model", random_model_path, "--shard-size", 4, "--batch-size", 1)
+        == 0
+    )
+    first = pd.read_parquet(finished_run / "instances")
+    second = pd.read_parquet(again / "instances")
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), second.reset_index(drop=True))
+
+
+def test_resume_does_only_missing_shards_and_rerun_replaces(finished_run, tmp_path, capsys):
+    dest = tmp_path / "copy"
+    shutil.copytree(finished_run, dest)
+    kept = dest / "instances" / "shard-00000.parquet"
+    kept_stat = kept.stat().st_mtime_ns
+    (dest / "_commits" / "shard-00001.json").unlink()
+    (dest / "instances" / "shard-00001.parquet").write_bytes(b"leftover of a crashed attempt")
+    assert run("--resume", dest) == 0
+    assert "already done 1" in capsys.readouterr().out
+    assert kept.stat().st_mtime_ns == kept_stat
+    assert pq.read_table(dest / "instances" / "shard-00001.parquet").num_rows > 0
+
+    before = pd.read_parquet(dest / "instances")
+    assert run("--resume", dest, "--shards", "0") == 0
+    after = pd.read_parquet(dest / "instances")
+    assert kept.stat().st_mtime_ns != kept_stat
+    pd.testing.assert_frame_equal(before, after)
+    assert sorted(os.listdir(dest / "instances")) == ["shard-00000.parquet", "shard-00001.parquet"]
+
+
+def test_resume_refuses_different_settings(finished_run, capsys):
+    assert run("--resume", finished_run, "--score-threshold", "0.9") == 2
+    err = capsys.readouterr().err.strip()
+    assert "different settings" in err and len(err.splitlines()) == 1
+
+
+def test_failing_shard_is_retried_then_failed_with_resume_command(
+    ray_local, archive, random_model_path, tmp_path, capsys
+):
+    dest = tmp_path / "faulty"
+    # Fault: a folder sits where shard 1's file must go, so its commit fails every time.
+    (dest / "images" / "shard-00001.parquet").mkdir(parents=True)
+    code = run(
+        archive, "--output", dest, "--model", random_model_path, "--shard-size", 4, "--max-attempts", 2
+    )
+    out = capsys.readouterr()
+    assert code == 3
+    assert "failed shards: 1" in out.out
+    assert f"python -m jobs.segment --resume {dest}" in out.out
+    assert "retrying" in out.err
+    marker = json.loads((dest / "_commits" / "shard-00001.json").read_text())
+    assert marker["status"] == "failed" and marker["attempts"] == 2
+    (dest / "images" / "shard-00001.parquet").rmdir()
+    assert run("--resume", dest) == 0
+    images = pd.read_parquet(dest / "images")
+    assert len(images) == 6 and images["uri"].is_unique
+
+
+def test_s3_source_and_destination(ray_local, archive, random_model_path, s3_bucket):
+    fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http")
+    for path in sorted(archive.rglob("*.png")):
+        with fs.open_output_stream(f"{s3_bucket}/slides/{path.relative_to(archive)}") as out:
+            out.write(path.read_bytes())
+    dest = f"s3://{s3_bucket}/runs/r1"
+    assert (
+        run(f"s3://{s3_bucket}/slides", "--output", dest, "--model", random_model_path, "--shard-size", 4)
+        == 0
+    )
+    instances = pd.read_parquet(f"{dest}/instances")
+    images = pd.read_parquet(f"{dest}/images")
+    assert len(images) == 6 and (images["status"] == "ok").all()
+    assert images["uri"].str.startswith(f"s3://{s3_bucket}/slides/slide-00").all()
+    assert len(instances) == images["n_instances"].sum() > 0
+    run_json = json.loads(fs.open_input_stream(f"{s3_bucket}/runs/r1/run.json").read())
+    assert "testing" not in json.dumps(run_json)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give SOURCE and --output"),
+        (["{archive}", "--output", "{tmp}/x", "--bogus"], "unrecognized arguments"),
+        (["{tmp}/nothing-here", "--output", "{tmp}/x"], "does not exist"),
+        (["{empty}", "--output", "{tmp}/x"], "no image files"),
+        (["{archive}", "--output", "{tmp}/x", "--model", "{tmp}/missing.pt"], "cannot read model"),
+        (["{archive}", "--output", "{tmp}/x", "--score-threshold", "2"], "must be in [0, 1]"),
+        (["--resume", "{tmp}/never-ran"], "no run to resume"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, message, archive, tmp_path):
+    (tmp_path / "empty").mkdir()
+    values = {"archive": archive, "tmp": tmp_path, "empty": tmp_path / "empty"}
+    argv = [a.format(**values) for a in args]
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.segment", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr
