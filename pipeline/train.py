@@ -197,6 +197,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
     steps run in this call (``first.loss_mask``, ``last.loss_mask``, ...).
     """
     dataset = CocoTiles(config.images, config.annotations)
+    torch.manual_seed(config.seed)
     model, card = _initial_model(config, dataset.classes)
     model.to(config.device).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from jobs import segment as segment_job
+from jobs import stats as stats_job
 from pipeline.decode import read_and_decode
 from pipeline.model import load_model
 from tests.conftest import REPO
@@ -195,3 +196,16 @@ def test_usage_errors_are_one_line_and_exit_2(args, message, archive, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_stats_job_prints_the_table_and_writes_files(finished_run, tmp_path, capsys):
+    assert stats_job.main([str(finished_run)]) == 0
+    printed = capsys.readouterr().out
+    assert "slide-000" in printed and "slide-001" in printed and "count" in printed
+    out = tmp_path / "stats.csv"
+    assert stats_job.main([str(finished_run), "--output", str(out), "--pixel-size-um", "0.5"]) == 0
+    table = pd.read_csv(out)
+    instances = pd.read_parquet(finished_run / "instances")
+    assert table["count"].sum() == len(instances)
+    assert {"area_um2_mean", "count_per_mm2"} <= set(table.columns)
+    assert stats_job.main([str(tmp_path / "no-run")]) == 2

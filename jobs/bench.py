@@ -1,0 +1,58 @@
+"""Benchmarks (ratios against a reference in the same process; figures go to BENCHMARKS.md).
+
+python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+import torch
+
+from jobs._cli import ArgumentParser
+from pipeline.bench import MASK_CASES, bench_masks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="jobs.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="name", required=True)
+    masks = sub.add_parser("masks", help="box-local encoding vs paste_masks_in_image + pycocotools + cv2")
+    masks.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    masks.add_argument(
+        "--repeats", type=int, default=3, help="timed repeats of the pipeline path (best kept)"
+    )
+    masks.add_argument("--cases", help="comma-separated SIZExCOUNT, e.g. 1024x200,2048x500")
+    masks.add_argument("--json", action="store_true", help="one JSON object per case per line")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    cases = MASK_CASES
+    if args.cases:
+        try:
+            cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
+        except ValueError:
+            parser.error(f"--cases takes SIZExCOUNT[,SIZExCOUNT...], got {args.cases!r}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    results = bench_masks(cases, device=args.device, repeats=args.repeats)
+    if args.json:
+        for result in results:
+            print(json.dumps(result))
+        return 0
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {args.device}"
+    )
+    print(f"{'image':>9} {'instances':>9} {'reference s':>12} {'pipeline s':>11} {'speedup':>8}")
+    for r in results:
+        print(
+            f"{r['size']:>7}^2 {r['instances']:>9} {r['reference_s']:>12.4f} {r['pipeline_s']:>11.4f} "
+            f"{r['speedup']:>7.1f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

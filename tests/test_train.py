@@ -1,0 +1,96 @@
+"""Training: the loss falls, an interrupted run resumes exactly, fine-tuning replaces predictors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.model import resolve_model
+from pipeline.train import CocoTiles, TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny_archive(tmp_path_factory):
+    from pipeline.synth import write_archive
+
+    root = tmp_path_factory.mktemp("train-archive")
+    return root, write_archive(root, slides=1, tiles_per_slide=4, size=96, seed=5)
+
+
+def config(root, annotations, output, **overrides):
+    values = dict(
+        images=str(root),
+        annotations=str(annotations),
+        output=str(output),
+        steps=12,
+        batch_size=2,
+        warmup_steps=2,
+        checkpoint_every=2,
+        seed=3,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_loss_falls_and_checkpoint_loads_weights_only(tiny_archive, tmp_path):
+    root, annotations = tiny_archive
+    summary = train(config(root, annotations, tmp_path / "m.pt"), progress=False)
+    assert summary["last.total"] < summary["first.total"]
+    loaded = resolve_model(str(tmp_path / "m.pt"))
+    assert loaded.card.classes == ("nucleus", "mitotic")
+    assert loaded.card.training["steps"] == 12
+    assert not (tmp_path / "m.pt.train-state").exists()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_archive, tmp_path, monkeypatch):
+    root, annotations = tiny_archive
+    straight = config(root, annotations, tmp_path / "straight.pt", steps=6)
+    train(straight, progress=False)
+
+    resumed = config(root, annotations, tmp_path / "resumed.pt", steps=6)
+    real_sample = CocoTiles.sample
+    calls = {"n": 0}
+
+    def crash_after_four_steps(self, index, rng):
+        calls["n"] += 1
+        if calls["n"] > 4 * resumed.batch_size:
+            raise KeyboardInterrupt("simulated kill")
+        return real_sample(self, index, rng)
+
+    monkeypatch.setattr(CocoTiles, "sample", crash_after_four_steps)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, progress=False)
+    assert (tmp_path / "resumed.pt.train-state").exists()
+    monkeypatch.setattr(CocoTiles, "sample", real_sample)
+    train(resumed, progress=False)
+
+    a = resolve_model(str(tmp_path / "straight.pt")).module.state_dict()
+    b = resolve_model(str(tmp_path / "resumed.pt")).module.state_dict()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+
+
+def test_fine_tuning_keeps_backbone_and_replaces_predictors(tiny_archive, tmp_path, random_model_path):
+    root, annotations = tiny_archive
+    import json
+
+    coco = json.loads(annotations.read_text())
+    coco["categories"] = [
+        {"id": 1, "name": "cell"},
+        {"id": 2, "name": "dividing"},
+        {"id": 3, "name": "debris"},
+    ]
+    relabelled = tmp_path / "relabelled.json"
+    relabelled.write_text(json.dumps(coco))
+    before = resolve_model(str(random_model_path)).module.state_dict()
+    train(
+        config(root, relabelled, tmp_path / "ft.pt", init=str(random_model_path), steps=1, lr=0.0),
+        progress=False,
+    )
+    tuned = resolve_model(str(tmp_path / "ft.pt"))
+    assert tuned.card.classes == ("cell", "dividing", "debris")
+    after = tuned.module.state_dict()
+    assert after["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+    assert after["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 4
+    assert torch.equal(
+        before["backbone.body.layer1.0.conv1.weight"], after["backbone.body.layer1.0.conv1.weight"]
+    )
