@@ -9,6 +9,7 @@ resume command is printed).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -30,6 +31,19 @@ def _parser() -> ArgumentParser:
     model.add_argument("--score-threshold", type=float, help="minimum detection score (card default 0.5)")
     model.add_argument("--mask-threshold", type=float, help="mask probability threshold (card default 0.5)")
     model.add_argument("--max-detections", type=int, help="instances per image cap (card default 500)")
+    model.add_argument(
+        "--overlap-suppression",
+        type=float,
+        metavar="FRACTION",
+        help="drop an instance whose mask overlaps a higher-scoring one by more than this fraction "
+        f"of the smaller mask; 1 disables (default {segment.DEFAULT_OVERLAP_THRESHOLD})",
+    )
+    model.add_argument(
+        "--exclusive-pixels",
+        action=argparse.BooleanOptionalAction,
+        help="give each pixel to the highest-scoring instance only "
+        f"(default {'on' if segment.DEFAULT_EXCLUSIVE_PIXELS else 'off'})",
+    )
     plan = parser.add_argument_group("plan (pinned in run.json)")
     plan.add_argument("--shard-size", type=int, help="images per shard (default 256)")
     plan.add_argument("--slide-pattern", help="regex with a named group 'slide' (default: parent folder)")
@@ -71,10 +85,12 @@ def _check(parser: ArgumentParser, args) -> None:
     for flag, value in positive.items():
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
-    for flag, value in {
+    fractions = {
         "--score-threshold": args.score_threshold,
         "--mask-threshold": args.mask_threshold,
-    }.items():
+        "--overlap-suppression": args.overlap_suppression,
+    }
+    for flag, value in fractions.items():
         if value is not None and not 0 <= value <= 1:
             parser.error(f"{flag} must be in [0, 1], got {value}")
     if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
@@ -108,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "mask_threshold": args.mask_threshold,
         "max_detections": args.max_detections,
         "max_pixels": args.max_pixels,
+        "overlap_threshold": args.overlap_suppression,
+        "exclusive_pixels": args.exclusive_pixels,
     }
     execution = segment.ExecutionSettings(
         address=args.address,

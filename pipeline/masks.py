@@ -319,9 +319,15 @@ def encode(
     Instances whose mask is empty after thresholding are kept here (area 0,
     empty polygon, NaN centroid); the caller decides (the segment job drops them).
     """
+    return encode_crops(paste_on_device(probs, boxes, image_size, threshold), image_size)
+
+
+def paste_on_device(
+    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float
+) -> list[Crop]:
+    """:func:`paste_batched` for CUDA tensors, the exact :func:`paste` otherwise."""
     paste_fn = paste_batched if probs.is_cuda else paste
-    crops = paste_fn(probs, boxes, image_size, threshold)
-    return encode_crops(crops, image_size)
+    return paste_fn(probs, boxes, image_size, threshold)
 
 
 def encode_crops(crops: list[Crop], image_size: tuple[int, int]) -> InstanceMasks:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import masks
+from pipeline import masks, postprocess
 from pipeline.decode import DecodeError, one_line, read_and_decode
 from pipeline.infer import Detections, autocast_dtype, detect
 from pipeline.model import ModelCard, build_model, configure
@@ -62,6 +62,8 @@ class InferenceSettings:
     max_detections: int
     batch_size: int
     max_pixels: int
+    overlap_threshold: float = 1.0
+    exclusive_pixels: bool = False
 
 
 @dataclass
@@ -125,17 +127,29 @@ class ShardProcessor:
             return [self._infer([a])[0] for a in arrays]
 
     def _encode(self, row: dict, size: tuple[int, int], detections: Detections) -> dict[str, Any]:
-        """Columns of the image's instances (empty masks dropped) and its count of empty masks."""
+        """Columns of the image's instances, and how many detections were dropped and why.
+
+        Order of operations: paste and threshold, suppress overlapping
+        duplicates, make pixels exclusive (if set), encode, drop empty masks.
+        """
         order = torch.argsort(-detections.scores, stable=True)
         boxes, labels = detections.boxes[order], detections.labels[order]
         scores, probs = detections.scores[order], detections.mask_probs[order]
-        encoded = masks.encode(probs, boxes, size, self.settings.mask_threshold)
-        keep = encoded.area > 0
-        encoded = encoded.filter(keep)
-        boxes, labels, scores = (t.cpu().numpy()[keep] for t in (boxes, labels, scores))
+        crops = masks.paste_on_device(probs, boxes, size, self.settings.mask_threshold)
+        boxes, labels, scores = (t.cpu().numpy() for t in (boxes, labels, scores))
+        kept = postprocess.suppress_overlaps(crops, self.settings.overlap_threshold)
+        crops = [crop for crop, keep in zip(crops, kept, strict=True) if keep]
+        boxes, labels, scores = boxes[kept], labels[kept], scores[kept]
+        if self.settings.exclusive_pixels:
+            crops = postprocess.exclusive_pixels(crops)
+        encoded = masks.encode_crops(crops, size)
+        nonempty = encoded.area > 0
+        encoded = encoded.filter(nonempty)
+        boxes, labels, scores = boxes[nonempty], labels[nonempty], scores[nonempty]
         n = len(encoded)
         return {
-            "n_empty_masks": int((~keep).sum()),
+            "n_empty_masks": int((~nonempty).sum()),
+            "n_suppressed": int((~kept).sum()),
             "columns": {
                 "image_id": [row["image_id"]] * n,
                 "uri": [row["uri"]] * n,
@@ -215,11 +229,11 @@ class ShardProcessor:
         image_rows = []
         for row in rows:
             info = status[row["image_id"]]
-            n_instances = n_empty = 0
+            n_instances = n_empty = n_suppressed = 0
             if row["image_id"] in encoded:
                 result, seconds = encoded[row["image_id"]].result()
                 timings["encode_s"] += seconds
-                n_empty = result["n_empty_masks"]
+                n_empty, n_suppressed = result["n_empty_masks"], result["n_suppressed"]
                 for name, values in result["columns"].items():
                     instance_columns[name].append(values)
                 n_instances = len(result["columns"]["rle"])
@@ -232,6 +246,7 @@ class ShardProcessor:
                     "width": info.get("width"),
                     "n_instances": n_instances,
                     "n_empty_masks": n_empty,
+                    "n_suppressed": n_suppressed,
                 }
             )
         instances = _instances_table(instance_columns)

@@ -61,7 +61,13 @@ IMAGES = _schema(
         _field(
             "n_empty_masks",
             pa.int32(),
-            "detections dropped because their mask was empty after the mask threshold",
+            "detections dropped because their mask was empty after the mask threshold "
+            "(or after exclusive pixel ownership)",
+        ),
+        _field(
+            "n_suppressed",
+            pa.int32(),
+            "detections dropped by mask-overlap suppression (duplicates and fragments)",
         ),
     ],
 )

@@ -24,6 +24,9 @@ from pipeline.decode import read_and_decode
 from pipeline.model import load_model
 from tests.conftest import REPO
 
+PLAIN = ["--shard-size", 4, "--batch-size", 1, "--overlap-suppression", 1, "--no-exclusive-pixels"]
+"""Settings under which the rows must equal torchvision's own forward() (post-processing off)."""
+
 
 def run(*args) -> int:
     return segment_job.main([str(a) for a in args] + ["--no-progress"])
@@ -36,8 +39,7 @@ def read(dest: Path, table: str) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def finished_run(ray_local, archive, random_model_path, tmp_path_factory):
     dest = tmp_path_factory.mktemp("runs") / "r1"
-    code = run(archive, "--output", dest, "--model", random_model_path, "--shard-size", 4, "--batch-size", 1)
-    assert code == 0
+    assert run(archive, "--output", dest, "--model", random_model_path, *PLAIN) == 0
     return dest
 
 
@@ -93,14 +95,12 @@ def test_rows_equal_torchvision_forward_pasted_and_encoded(finished_run, random_
         ours = instances[instances["image_id"] == image.image_id].sort_values("instance_id")
         assert ours["rle"].tolist() == expected
         assert image.n_instances + image.n_empty_masks == len(out["boxes"])
+        assert image.n_suppressed == 0
 
 
 def test_same_inputs_same_rows(finished_run, archive, random_model_path, tmp_path):
     again = tmp_path / "again"
-    assert (
-        run(archive, "--output", again, "--model", random_model_path, "--shard-size", 4, "--batch-size", 1)
-        == 0
-    )
+    assert run(archive, "--output", again, "--model", random_model_path, *PLAIN) == 0
     first = pd.read_parquet(finished_run / "instances")
     second = pd.read_parquet(again / "instances")
     pd.testing.assert_frame_equal(first.reset_index(drop=True), second.reset_index(drop=True))
@@ -209,3 +209,32 @@ def test_stats_job_prints_the_table_and_writes_files(finished_run, tmp_path, cap
     assert table["count"].sum() == len(instances)
     assert {"area_um2_mean", "count_per_mm2"} <= set(table.columns)
     assert stats_job.main([str(tmp_path / "no-run")]) == 2
+
+
+def test_dense_post_processing_accounts_for_every_detection(ray_local, archive, random_model_path, tmp_path):
+    """With suppression and exclusive pixels on, detections = kept + empty + suppressed, masks disjoint."""
+    dest = tmp_path / "dense"
+    args = [
+        "--model",
+        random_model_path,
+        "--overlap-suppression",
+        0.3,
+        "--exclusive-pixels",
+        "--batch-size",
+        1,
+    ]
+    assert run(archive, "--output", dest, *args) == 0
+    model = load_model(str(random_model_path))
+    instances = pd.read_parquet(dest / "instances")
+    images = read(dest, "images")
+    assert images["n_suppressed"].sum() > 0
+    for image in images.itertuples():
+        array = read_and_decode(image.uri, max_pixels=10**8)
+        with torch.inference_mode():
+            out = model([torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)])[0]
+        assert image.n_instances + image.n_empty_masks + image.n_suppressed == len(out["boxes"])
+        rows = instances[instances["image_id"] == image.image_id]
+        decoded = [
+            mask_utils.decode({"size": [r.height, r.width], "counts": r.rle}) for r in rows.itertuples()
+        ]
+        assert decoded and np.sum(decoded, axis=0).max() == 1

@@ -1,0 +1,67 @@
+"""Score a run against COCO ground truth: COCOeval, counting, the connected-components baseline.
+
+python -m jobs.evaluate DEST --annotations coco.json [--json]
+python -m jobs.evaluate DEST --annotations coco.json --sweep 0.3:0.9:0.1 [--plot sweep.png]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+
+from jobs._cli import ArgumentParser, fail_usage
+from pipeline import storage
+from pipeline.evaluate import evaluate, plot_sweep, sweep
+
+
+def _thresholds(parser: ArgumentParser, text: str) -> list[float]:
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        parser.error(f"--sweep takes START:STOP:STEP, got {text!r}")
+    if step <= 0 or not 0 <= start <= stop <= 1:
+        parser.error(f"--sweep needs 0 <= START <= STOP <= 1 and STEP > 0, got {text!r}")
+    return [round(v, 6) for v in np.arange(start, stop + step / 2, step)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="jobs.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("dest", help="run folder or URI")
+    parser.add_argument("--annotations", required=True, help="COCO instances JSON of the same images")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--sweep", metavar="START:STOP:STEP", help="score thresholds to sweep")
+    parser.add_argument("--plot", help="with --sweep: write the sweep's PNG plot here")
+    args = parser.parse_args(argv)
+    if args.plot and not args.sweep:
+        parser.error("--plot needs --sweep")
+    if not storage.exists(storage.join(args.dest, "run.json")):
+        return fail_usage(parser.prog, f"no run at {storage.redact(args.dest)} (run.json not found)")
+    try:
+        if args.sweep:
+            table = sweep(args.dest, args.annotations, _thresholds(parser, args.sweep))
+            if args.plot:
+                plot_sweep(table, args.plot)
+            if args.json:
+                print(json.dumps({"sweep": table.to_dict(orient="records")}))
+            else:
+                print(table.to_string(index=False, float_format="{:.3f}".format))
+            return 0
+        scores, tables = evaluate(args.dest, args.annotations)
+    except (OSError, ValueError, KeyError) as exc:
+        return fail_usage(parser.prog, str(exc))
+    if args.json:
+        print(json.dumps({**scores, "counts": tables["counts"].to_dict(orient="records")}))
+        return 0
+    metrics = pd.Series(scores).rename("value").to_frame()
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.max_rows", 200):
+        print(metrics.to_string())
+        print()
+        print(tables["counts"].to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

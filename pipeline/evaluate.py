@@ -1,0 +1,288 @@
+"""Score a run against COCO ground truth: COCOeval, counting, and a semantic-then-count baseline.
+
+* COCOeval (``segm`` and ``bbox``) straight from the stored RLE strings, with
+  ``maxDets`` raised to :data:`MAX_DETECTIONS` (dense tiles have more than 100
+  objects). AP is read from ``eval["precision"]`` at the largest ``maxDets``
+  (``stats[0]`` would ask for 100 and return -1).
+* Counting: per-image count error of the run against the ground truth, overall
+  and on dense tiles (ground-truth count at or above the 75th percentile);
+  per-slide and per-class counts.
+* Baseline: Otsu threshold and connected components on the same tiles (what
+  a semantic segmenter followed by counting does: touching nuclei fuse), scored
+  the same way, class-agnostic.
+* Sweep: per score threshold, instance count and precision / recall at mask
+  IoU 0.5 (greedy one-to-one matching by score).
+
+Ground-truth images are matched to the run's images by path relative to the
+run's source (COCO ``file_name``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from pipeline import commit, masks, storage
+from pipeline.decode import read_and_decode
+from pipeline.stats import read_table
+
+MAX_DETECTIONS = 1000
+BASELINE_MIN_AREA = 12
+"""Connected components smaller than this (px) are noise, not nuclei, for the baseline."""
+
+
+@dataclass
+class Matched:
+    """A run joined to its ground truth: the COCO object, images with ``gt_id``, instances."""
+
+    coco: COCO
+    images: pd.DataFrame
+    instances: pd.DataFrame
+
+
+def load(dest: str, annotations: str) -> Matched:
+    """Read the run's tables and the COCO file; match images by relative path.
+
+    Raises:
+        ValueError: no run image matches a ground-truth ``file_name``.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(annotations)
+    source = commit.read_json(storage.join(dest, "run.json"))["settings"]["source"].rstrip("/") + "/"
+    by_name = {im["file_name"]: im["id"] for im in coco.dataset["images"]}
+    images = read_table(dest, "images")
+    images["gt_id"] = [
+        by_name.get(uri[len(source) :]) if uri.startswith(source) else None for uri in images["uri"]
+    ]
+    images = images[images["gt_id"].notna() & (images["status"] == "ok")].copy()
+    if images.empty:
+        raise ValueError(
+            f"no image of the run at {storage.redact(dest)} matches a file_name in {annotations}"
+        )
+    images["gt_id"] = images["gt_id"].astype(int)
+    instances = read_table(dest, "instances")
+    instances = instances[instances["image_id"].isin(images["image_id"])]
+    instances = instances.merge(images[["image_id", "gt_id"]], on="image_id")
+    return Matched(coco, images, instances)
+
+
+def detections_from_instances(instances: pd.DataFrame) -> list[dict]:
+    """COCO results (segmentation RLE, bbox xywh, score, category_id = label) of a run's rows."""
+    return [
+        {
+            "image_id": int(row.gt_id),
+            "category_id": int(row.label),
+            "segmentation": {"size": [int(row.height), int(row.width)], "counts": row.rle},
+            "bbox": [float(row.x0), float(row.y0), float(row.x1 - row.x0), float(row.y1 - row.y0)],
+            "score": float(row.score),
+        }
+        for row in instances.itertuples()
+    ]
+
+
+def coco_ap(
+    coco: COCO, detections: list[dict], image_ids: list[int], iou_type: str, *, use_cats: bool = True
+):
+    """AP (0.5:0.95), AP50, AP75 and per-category AP at maxDets :data:`MAX_DETECTIONS`."""
+    categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    if not detections:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, **{f"AP.{name}": 0.0 for name in categories.values()}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = coco.loadRes([dict(d) for d in detections])
+        evaluator = COCOeval(coco, results, iou_type)
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.params.maxDets = [1, 10, MAX_DETECTIONS]
+        evaluator.params.useCats = int(use_cats)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category] at area all
+
+    def mean(values):
+        valid = values[values > -1]
+        return float(valid.mean()) if valid.size else 0.0
+
+    scores = {"AP": mean(precision), "AP50": mean(precision[0]), "AP75": mean(precision[5])}
+    if use_cats:
+        for index, category in enumerate(evaluator.params.catIds):
+            scores[f"AP.{categories[category]}"] = mean(precision[:, :, index])
+    return scores
+
+
+def ground_truth_counts(coco: COCO, image_ids) -> pd.DataFrame:
+    """Per ground-truth image and category: the number of annotations."""
+    rows = [
+        {"gt_id": a["image_id"], "label": a["category_id"]}
+        for a in coco.dataset["annotations"]
+        if a["image_id"] in set(image_ids) and not a.get("iscrowd", 0)
+    ]
+    return pd.DataFrame(rows, columns=["gt_id", "label"])
+
+
+def count_errors(predicted: pd.Series, truth: pd.Series) -> dict[str, float]:
+    """MAE, relative error (sum |error| / sum truth) and mean signed error of per-image counts."""
+    error = predicted - truth
+    return {
+        "mae": float(error.abs().mean()),
+        "relative_error": float(error.abs().sum() / max(truth.sum(), 1)),
+        "bias": float(error.mean()),
+    }
+
+
+def baseline_detections(images: pd.DataFrame, max_pixels: int = 10**9) -> list[dict]:
+    """Otsu + connected components (8-connected, >= BASELINE_MIN_AREA px) on each image, as COCO results."""
+    detections = []
+    for row in images.itertuples():
+        array = read_and_decode(row.uri, max_pixels=max_pixels)
+        gray = cv2.GaussianBlur(array.max(axis=2), (0, 0), 1.0)
+        _, foreground = cv2.threshold(gray, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+        crops = []
+        for k in range(1, count):
+            x, y, w, h, area = stats[k]
+            if area >= BASELINE_MIN_AREA:
+                crops.append(masks.Crop(labels[y : y + h, x : x + w] == k, int(x), int(y)))
+        encoded = masks.encode_crops(crops, gray.shape)
+        for crop, rle, area in zip(crops, encoded.rle, encoded.area, strict=True):
+            h, w = crop.mask.shape
+            detections.append(
+                {
+                    "image_id": int(row.gt_id),
+                    "category_id": 1,
+                    "segmentation": {"size": list(gray.shape), "counts": rle},
+                    "bbox": [crop.x0, crop.y0, w, h],
+                    "score": float(min(area / 1e4, 1.0)),
+                }
+            )
+    return detections
+
+
+def _per_image_counts(detections: list[dict], image_ids) -> pd.Series:
+    counts = pd.Series(0, index=sorted(image_ids), dtype="int64")
+    observed = pd.Series([d["image_id"] for d in detections], dtype="int64").value_counts()
+    counts.loc[observed.index] = observed.values
+    return counts
+
+
+def evaluate(dest: str, annotations: str) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """All scores of the run at ``dest`` (flat dict) and the per-slide / per-class count tables."""
+    matched = load(dest, annotations)
+    coco, images, instances = matched.coco, matched.images, matched.instances
+    image_ids = images["gt_id"].tolist()
+    detections = detections_from_instances(instances)
+    scores: dict[str, float] = {"images": len(images), "instances": len(instances)}
+    for iou_type in ("segm", "bbox"):
+        for key, value in coco_ap(coco, detections, image_ids, iou_type).items():
+            scores[f"{iou_type}.{key}"] = value
+    agnostic = coco_ap(coco, detections, image_ids, "segm", use_cats=False)
+    scores["agnostic.segm.AP"], scores["agnostic.segm.AP50"] = agnostic["AP"], agnostic["AP50"]
+
+    truth = ground_truth_counts(coco, image_ids)
+    truth_per_image = truth.groupby("gt_id").size().reindex(sorted(image_ids), fill_value=0)
+    predicted = _per_image_counts(detections, image_ids)
+    dense = truth_per_image >= truth_per_image.quantile(0.75)
+    scores.update({f"count.{k}": v for k, v in count_errors(predicted, truth_per_image).items()})
+    scores.update(
+        {f"count.dense.{k}": v for k, v in count_errors(predicted[dense], truth_per_image[dense]).items()}
+    )
+    scores["count.dense.images"] = int(dense.sum())
+
+    base = baseline_detections(images)
+    base_ap = coco_ap(coco, base, image_ids, "segm", use_cats=False)
+    scores["baseline.segm.AP"], scores["baseline.segm.AP50"] = base_ap["AP"], base_ap["AP50"]
+    base_counts = _per_image_counts(base, image_ids)
+    scores.update({f"baseline.count.{k}": v for k, v in count_errors(base_counts, truth_per_image).items()})
+    scores.update(
+        {
+            f"baseline.count.dense.{k}": v
+            for k, v in count_errors(base_counts[dense], truth_per_image[dense]).items()
+        }
+    )
+    return scores, {"counts": _count_table(coco, images, instances, truth)}
+
+
+def _count_table(
+    coco: COCO, images: pd.DataFrame, instances: pd.DataFrame, truth: pd.DataFrame
+) -> pd.DataFrame:
+    """Per slide and class: predicted and ground-truth counts."""
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    slide_of = images.set_index("gt_id")["slide_id"]
+    truth = truth.assign(slide_id=truth["gt_id"].map(slide_of), class_name=truth["label"].map(names))
+    gt = truth.groupby(["slide_id", "class_name"]).size().rename("gt_count")
+    pred = instances.groupby(["slide_id", "class_name"]).size().rename("count")
+    index = pd.MultiIndex.from_product(
+        [sorted(images["slide_id"].unique()), list(names.values())], names=["slide_id", "class_name"]
+    )
+    table = pd.concat([pred, gt], axis=1).reindex(index).fillna(0).astype("int64")
+    table["error"] = table["count"] - table["gt_count"]
+    return table.reset_index()
+
+
+def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
+    """Per score threshold: instances kept, TP at mask IoU 0.5, precision, recall, count error."""
+    matched = load(dest, annotations)
+    coco, instances = matched.coco, matched.instances
+    gt_by_image: dict[int, list] = {}
+    for ann in coco.dataset["annotations"]:
+        gt_by_image.setdefault(ann["image_id"], []).append(ann["segmentation"])
+    n_gt = sum(len(gt_by_image.get(i, [])) for i in matched.images["gt_id"])
+    rows = []
+    for threshold in thresholds:
+        kept = instances[instances["score"] >= threshold]
+        true_positives = 0
+        for gt_id, group in kept.groupby("gt_id"):
+            truth = gt_by_image.get(gt_id, [])
+            if not truth:
+                continue
+            group = group.sort_values("score", ascending=False)
+            predicted = [
+                {"size": [int(h), int(w)], "counts": r}
+                for h, w, r in zip(group["height"], group["width"], group["rle"], strict=True)
+            ]
+            iou = mask_utils.iou(predicted, truth, [0] * len(truth))
+            taken = np.zeros(len(truth), bool)
+            for row in np.atleast_2d(iou):
+                candidates = np.where(taken, -1, row)
+                best = int(np.argmax(candidates))
+                if candidates[best] >= 0.5:
+                    taken[best] = True
+                    true_positives += 1
+        rows.append(
+            {
+                "score_threshold": round(float(threshold), 4),
+                "instances": len(kept),
+                "ground_truth": n_gt,
+                "true_positives": true_positives,
+                "precision": true_positives / len(kept) if len(kept) else 1.0,
+                "recall": true_positives / n_gt if n_gt else 1.0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_sweep(table: pd.DataFrame, path: str) -> None:
+    """Two panels: instance count (with the ground-truth count) and precision / recall against threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    left.plot(table["score_threshold"], table["instances"], "o-", label="instances found")
+    left.axhline(table["ground_truth"].iloc[0], color="grey", ls="--", label="ground truth")
+    left.set(xlabel="score threshold", ylabel="instances", title="Count against threshold")
+    left.legend()
+    right.plot(table["score_threshold"], table["precision"], "o-", label="precision")
+    right.plot(table["score_threshold"], table["recall"], "s-", label="recall")
+    right.set(xlabel="score threshold", ylim=(0, 1.02), title="Precision / recall at mask IoU 0.5")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
