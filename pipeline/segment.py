@@ -278,6 +278,9 @@ def connect_ray(address: str | None) -> None:
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address == "local":
         kwargs["include_dashboard"] = False
+        # Ray enables token auth for a new local instance (good) and says so at
+        # WARNING level on every start; that notice is noise for an embedded run.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address, **kwargs)
 
 

@@ -117,14 +117,17 @@ class ShardProcessor:
         return list(batch.float().div_(255))
 
     def _infer(self, arrays: list[np.ndarray]) -> list[Detections | DecodeError]:
-        """Detections per image; if the batch raises, each image is retried alone."""
+        """Detections per image; if the batch raises, each image is retried alone.
+
+        The retry runs after the device lock is released (the lock is not reentrant).
+        """
         with self._device_lock:
             try:
                 return list(detect(self.model, self._to_device(arrays), autocast=self.autocast))
             except (RuntimeError, ValueError) as exc:
                 if len(arrays) == 1:
                     return [DecodeError("inference", one_line(exc))]
-            return [self._infer([a])[0] for a in arrays]
+        return [self._infer([a])[0] for a in arrays]
 
     def _encode(self, row: dict, size: tuple[int, int], detections: Detections) -> dict[str, Any]:
         """Columns of the image's instances, and how many detections were dropped and why.
@@ -188,6 +191,7 @@ class ShardProcessor:
         started = time.perf_counter()
         status: dict[int, dict[str, Any]] = {}
         encoded: dict[int, Future] = {}
+        encoding: collections.deque[Future] = collections.deque()
         buckets: dict[tuple[int, int], list[tuple[dict, np.ndarray]]] = {}
 
         def decode(row: dict):
@@ -201,14 +205,13 @@ class ShardProcessor:
             timings["infer_s"] += time.perf_counter() - t
             for (row, array), result in zip(batch, results, strict=True):
                 if isinstance(result, DecodeError):
-                    status[row["image_id"]] = {"status": result.kind, "error": result.message}
+                    status[row["image_id"]].update(status=result.kind, error=result.message)
                     continue
-                # Bound the encode queue: wait for the oldest before adding more.
-                while sum(not f.done() for f in encoded.values()) >= self.prefetch:
-                    next(f for f in encoded.values() if not f.done()).result()
-                encoded[row["image_id"]] = self._encode_pool.submit(
-                    self._timed_encode, row, array.shape[:2], result
-                )
+                while len(encoding) >= self.prefetch:  # bounded encode queue
+                    encoding.popleft().result()
+                future = self._encode_pool.submit(self._timed_encode, row, array.shape[:2], result)
+                encoded[row["image_id"]] = future
+                encoding.append(future)
 
         for row, (result, seconds) in zip(
             rows, bounded_map(self._decode_pool, decode, rows, self.prefetch), strict=True
