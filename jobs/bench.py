@@ -1,6 +1,7 @@
 """Benchmarks (ratios against a reference in the same process; figures go to BENCHMARKS.md).
 
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
+python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import torch
 
 from jobs._cli import ArgumentParser
-from pipeline.bench import MASK_CASES, bench_masks
+from pipeline.bench import MASK_CASES, bench_masks, bench_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +26,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     masks.add_argument("--cases", help="comma-separated SIZExCOUNT, e.g. 1024x200,2048x500")
     masks.add_argument("--json", action="store_true", help="one JSON object per case per line")
+    pipe = sub.add_parser("pipeline", help="segment job vs the bare forward pass; first commit; memory")
+    pipe.add_argument("--images", type=int, default=256, help="N: images in the ratio run (default 256)")
+    pipe.add_argument("--size", type=int, default=256, help="tile side in px (default 256)")
+    pipe.add_argument("--model", help="checkpoint or torchvision:NAME (default: the bundled model)")
+    pipe.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    pipe.add_argument("--batch-size", type=int, default=4)
+    pipe.add_argument("--shard-size", type=int, default=16)
+    pipe.add_argument(
+        "--memory-factor", type=int, default=10, help="the memory run uses this many times N images"
+    )
+    pipe.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
+    if args.name == "pipeline":
+        return _pipeline(parser, args)
     cases = MASK_CASES
     if args.cases:
         try:
@@ -51,6 +65,28 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['size']:>7}^2 {r['instances']:>9} {r['reference_s']:>12.4f} {r['pipeline_s']:>11.4f} "
             f"{r['speedup']:>7.1f}x"
         )
+    return 0
+
+
+def _pipeline(parser, args) -> int:
+    for name in ("images", "size", "batch_size", "shard_size", "memory_factor"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    result = bench_pipeline(
+        images=args.images,
+        size=args.size,
+        model=args.model,
+        device=args.device,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        memory_factor=args.memory_factor,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.device}")
+    for key, value in result.items():
+        print(f"{key:>24}: {value}")
     return 0
 
 

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from jobs._cli import ArgumentParser, fail_usage
-from pipeline import segment
+from pipeline import lock, segment, storage
 from pipeline.model import ModelLoadError
 from pipeline.plan import PlanError
 
@@ -136,17 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         max_attempts=args.max_attempts,
         progress=False if args.no_progress else None,
     )
+    dest = args.resume or args.output
     try:
-        if args.resume:
-            dest = args.resume
-            pinned, loaded = segment.reopen(dest, pinned_flags)
-        else:
-            dest = args.output
-            given = {k: v for k, v in pinned_flags.items() if v is not None}
-            pinned, loaded = segment.start(dest, segment.PinnedSettings(source=args.source, **given))
-        report = segment.execute(dest, pinned, loaded, execution, shards=shards)
-    except (segment.RunError, PlanError, ModelLoadError) as exc:
+        with lock.acquire(dest):
+            if args.resume:
+                pinned, loaded = segment.reopen(dest, pinned_flags)
+            else:
+                given = {k: v for k, v in pinned_flags.items() if v is not None}
+                pinned, loaded = segment.start(dest, segment.PinnedSettings(source=args.source, **given))
+            report = segment.execute(dest, pinned, loaded, execution, shards=shards)
+    except (segment.RunError, lock.RunLocked, storage.UnsafeURIError, PlanError, ModelLoadError) as exc:
         return fail_usage(parser.prog, str(exc))
+    except OSError as exc:
+        return fail_usage(parser.prog, f"storage: {storage.redact(str(exc))}")
     print(segment.format_report(report))
     return report.exit_code
 

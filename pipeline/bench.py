@@ -4,13 +4,25 @@
 ``pycocotools.mask.encode`` of full masks, ``cv2.findContours`` on full masks)
 against :func:`pipeline.masks.encode` on the same inputs, asserting identical
 RLE strings.
+
+``pipeline``: the bare forward pass over preloaded, already-decoded tensors
+(the ceiling) against the whole segment job on the same images, same batch
+size, device and precision; plus time to the first committed shard and the
+peak memory of the driver and every Ray process for N and 10 x N images.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,7 +30,11 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from pipeline import masks
+from pipeline import masks, segment, synth
+from pipeline.decode import read_and_decode
+from pipeline.infer import detect
+from pipeline.model import resolve_model
+from pipeline.worker import InferenceSettings, ShardProcessor
 
 MASK_CASES = ((1024, 50), (1024, 200), (1024, 500), (2048, 500))
 """(image side in px, instances) of the ``masks`` benchmark."""
@@ -96,3 +112,198 @@ def bench_masks(
             }
         )
     return results
+
+
+class PeakMemory:
+    """Samples the summed resident memory of this process and all its descendants.
+
+    With an embedded local Ray instance, the GCS, raylet and every worker
+    process are descendants of the driver, so the sum covers the whole job.
+    Use as a context manager; ``peak_bytes`` is the largest sum seen.
+    """
+
+    def __init__(self, interval_s: float = 0.1):
+        import psutil
+
+        self._root = psutil.Process()
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="peak-memory")
+
+    def sample(self) -> int:
+        """Summed RSS in bytes of this process and its live descendants now."""
+        import psutil
+
+        total = 0
+        for proc in [self._root, *self._root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.sample())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.sample())
+
+
+def make_archive(dest: Path, images: int, size: int, tiles_per_slide: int = 16) -> Path:
+    """A synthetic archive of exactly ``images`` tiles of ``size`` px (no annotations needed)."""
+    slides = -(-images // tiles_per_slide)
+    synth.write_archive(dest, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=7)
+    for path in sorted(dest.rglob("*.png"))[images:]:
+        path.unlink()
+    return dest
+
+
+def bare_forward_images_per_s(
+    model: str | None, image_paths: list[Path], *, batch_size: int, device: str, threads: int
+) -> float:
+    """Images/s of the model's forward (no paste, no encode) over preloaded device tensors.
+
+    Same model construction, precision and batch size as a replica; one
+    warm-up batch is not timed.
+    """
+    loaded = resolve_model(model)
+    settings = InferenceSettings(
+        score_threshold=loaded.card.score_threshold,
+        mask_threshold=loaded.card.mask_threshold,
+        max_detections=loaded.card.max_detections,
+        batch_size=batch_size,
+        max_pixels=segment.DEFAULT_MAX_PIXELS,
+    )
+    processor = ShardProcessor(
+        loaded.card, loaded.module.state_dict(), settings, device=device, threads=threads
+    )
+    arrays = [read_and_decode(str(p), max_pixels=segment.DEFAULT_MAX_PIXELS) for p in image_paths]
+    batches = [processor.to_device(arrays[i : i + batch_size]) for i in range(0, len(arrays), batch_size)]
+    detect(processor.model, batches[0], autocast=processor.autocast)
+
+    def run_all():
+        for batch in batches:
+            detect(processor.model, batch, autocast=processor.autocast)
+        if processor.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seconds, _ = _best_of(run_all, 1)
+    return len(arrays) / seconds
+
+
+def first_commit_seconds(source: Path, dest: Path, *, model: str | None, shard_size: int) -> float:
+    """Seconds from launching ``python -m jobs.segment`` (fresh process, own Ray) to its first marker."""
+    command = [sys.executable, "-m", "jobs.segment", str(source), "--output", str(dest)]
+    command += ["--shard-size", str(shard_size), "--no-progress"]
+    if model:
+        command += ["--model", model]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    first = None
+    while proc.poll() is None and first is None:
+        if any((dest / "_commits").glob("shard-*.json")):
+            first = time.monotonic() - start
+        time.sleep(0.02)
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"segment job failed (exit {proc.returncode}): {stderr.strip()[-500:]}")
+    return first if first is not None else time.monotonic() - start
+
+
+def _timed_run(source: Path, dest: Path, pinned_kwargs: dict, execution) -> tuple[float, int, object]:
+    """(wall seconds of plan + execute, peak RSS bytes, report) of one segment run on the live Ray."""
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        pinned, loaded = segment.start(str(dest), segment.PinnedSettings(source=str(source), **pinned_kwargs))
+        report = segment.execute(str(dest), pinned, loaded, execution)
+        wall = time.perf_counter() - start
+    if report.failed or report.images_error:
+        raise RuntimeError(f"benchmark run not clean: {segment.format_report(report)}")
+    return wall, memory.peak_bytes, report
+
+
+def bench_pipeline(
+    *,
+    images: int = 256,
+    size: int = 256,
+    model: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 4,
+    shard_size: int = 16,
+    memory_factor: int = 10,
+    workdir: Path | None = None,
+) -> dict[str, object]:
+    """The segment job against the bare forward pass on the same ``images`` tiles of ``size`` px.
+
+    Returns images/s of both and their ratio (the pipeline timed from
+    planning to the last commit, replica start-up included), the same ratio
+    once replicas are up (``steady_ratio``), Ray and replica start-up seconds, seconds
+    to the first committed shard (a fresh ``jobs.segment`` process), peak RSS
+    for ``images`` and ``memory_factor * images`` images and the relative
+    growth, and the per-stage seconds per image of the pipeline run.
+    """
+    import ray
+
+    own_tmp = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="segpipe-bench-")) if own_tmp else Path(workdir)
+    try:
+        large = make_archive(root / "archive-large", images * memory_factor, size)
+        small = root / "archive"
+        for path in sorted(large.rglob("*.png"))[:images]:
+            target = small / path.relative_to(large)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+        paths = sorted(small.rglob("*.png"))
+        first_commit = first_commit_seconds(small, root / "first", model=model, shard_size=shard_size)
+
+        start = time.perf_counter()
+        segment.connect_ray("local")
+        ray_start_s = time.perf_counter() - start
+        gpus = 1.0 if device == "cuda" else 0.0
+        execution = segment.ExecutionSettings(
+            replicas=1, gpus_per_replica=gpus, batch_size=batch_size, progress=False
+        )
+        threads = segment.replica_layout(execution)[2]
+        forward = bare_forward_images_per_s(
+            model, paths, batch_size=batch_size, device=device, threads=int(threads)
+        )
+        pinned = {"model": model, "shard_size": shard_size}
+        wall, peak_small, report = _timed_run(small, root / "run", pinned, execution)
+        _, peak_large, _ = _timed_run(large, root / "run-large", pinned, execution)
+        pipeline_rate = images / wall
+        steady_rate = images / (wall - report.replicas_ready_s)
+        per_image = {k: round(v / images, 5) for k, v in sorted(report.stage_s.items())}
+        return {
+            "images": images,
+            "size": size,
+            "device": device,
+            "batch_size": batch_size,
+            "shard_size": shard_size,
+            "threads": int(threads),
+            "forward_images_per_s": round(forward, 3),
+            "pipeline_images_per_s": round(pipeline_rate, 3),
+            "ratio": round(pipeline_rate / forward, 3),
+            "steady_ratio": round(steady_rate / forward, 3),
+            "ray_start_s": round(ray_start_s, 2),
+            "replica_start_s": round(report.replicas_ready_s, 2),
+            "first_commit_s": round(first_commit, 2),
+            "peak_rss_bytes": peak_small,
+            f"peak_rss_bytes_{memory_factor}x": peak_large,
+            "memory_growth": round(peak_large / peak_small - 1, 4),
+            "stage_s_per_image": per_image,
+        }
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if own_tmp:
+            shutil.rmtree(root, ignore_errors=True)

@@ -226,7 +226,18 @@ def _count_table(
 
 
 def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
-    """Per score threshold: instances kept, TP at mask IoU 0.5, precision, recall, count error."""
+    """Per score threshold: instances kept, TP at mask IoU 0.5, precision, recall, count error.
+
+    Raises:
+        ValueError: a threshold is below the run's own score threshold (those
+            detections were never stored; rerun with a lower ``--score-threshold``).
+    """
+    run_threshold = commit.read_json(storage.join(dest, "run.json"))["settings"]["score_threshold"]
+    if min(thresholds) < run_threshold:
+        raise ValueError(
+            f"the run kept only scores >= {run_threshold}; to sweep from {min(thresholds)}, "
+            f"segment again with --score-threshold {min(thresholds)} or lower"
+        )
     matched = load(dest, annotations)
     coco, instances = matched.coco, matched.instances
     gt_by_image: dict[int, list] = {}

@@ -25,6 +25,10 @@ _URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
 
 
+class UnsafeURIError(ValueError):
+    """A URI that carries credentials or a query string (refused: secrets belong in the environment)."""
+
+
 def redact(uri: str) -> str:
     """``uri`` without credentials: userinfo (``user:secret@``) and the query string removed."""
     uri = _USERINFO.sub(r"\1***@", str(uri))
@@ -52,7 +56,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if not _URI_SCHEME.match(uri):
         return pafs.LocalFileSystem(), str(Path(uri).absolute())
     if "@" in uri.split("/", 3)[2] or "?" in uri:
-        raise ValueError(
+        raise UnsafeURIError(
             f"{redact(uri)}: credentials or query strings in URIs are not accepted; "
             "use the standard environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)"
         )
@@ -81,6 +85,12 @@ def exists(uri: str) -> bool:
     """Whether a file (not a directory) exists at ``uri``."""
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def delete(uri: str) -> None:
+    """Delete the file or object at ``uri``."""
+    fs, path = resolve(uri)
+    fs.delete_file(path)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

@@ -110,24 +110,31 @@ class ShardProcessor:
         self._encode_pool = ThreadPoolExecutor(max(1, io_threads // 2), thread_name_prefix="encode")
         self._device_lock = threading.Lock()
 
-    def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 (H, W, 3) arrays of one size -> float (3, H, W) in [0, 1] on the device.
+
+        On CUDA the batch goes through pinned memory with a non-blocking copy.
+        """
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return list(batch.float().div_(255))
 
-    def _infer(self, arrays: list[np.ndarray]) -> list[Detections | DecodeError]:
-        """Detections per image; if the batch raises, each image is retried alone.
+    def infer(self, arrays: list[np.ndarray]) -> list[Detections | DecodeError]:
+        """Detections per image of a same-size batch of uint8 (H, W, 3) arrays.
+
+        If the batch raises, each image is retried alone; an image that still
+        raises gets a ``DecodeError("inference", ...)`` instead of detections.
 
         The retry runs after the device lock is released (the lock is not reentrant).
         """
         with self._device_lock:
             try:
-                return list(detect(self.model, self._to_device(arrays), autocast=self.autocast))
+                return list(detect(self.model, self.to_device(arrays), autocast=self.autocast))
             except (RuntimeError, ValueError) as exc:
                 if len(arrays) == 1:
                     return [DecodeError("inference", one_line(exc))]
-        return [self._infer([a])[0] for a in arrays]
+        return [self.infer([a])[0] for a in arrays]
 
     def _encode(self, row: dict, size: tuple[int, int], detections: Detections) -> dict[str, Any]:
         """Columns of the image's instances, and how many detections were dropped and why.
@@ -201,7 +208,7 @@ class ShardProcessor:
 
         def run_batch(batch: list[tuple[dict, np.ndarray]]):
             t = time.perf_counter()
-            results = self._infer([array for _, array in batch])
+            results = self.infer([array for _, array in batch])
             timings["infer_s"] += time.perf_counter() - t
             for (row, array), result in zip(batch, results, strict=True):
                 if isinstance(result, DecodeError):

@@ -23,3 +23,34 @@ def test_masks_benchmark_json_has_the_keys_and_checks_rle():
     for row in rows:
         assert {"size", "instances", "reference_s", "pipeline_s", "speedup"} <= set(row)
         assert row["reference_s"] > 0 and row["pipeline_s"] > 0
+
+
+def test_pipeline_benchmark_runs_on_a_tiny_input_and_reports_the_keys(random_model_path):
+    flags = ["--images", "4", "--size", "96", "--shard-size", "2", "--memory-factor", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.bench", "pipeline", *flags, "--model", str(random_model_path), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    for key in ("ratio", "steady_ratio", "pipeline_images_per_s", "forward_images_per_s", "first_commit_s"):
+        assert row[key] > 0, key
+    assert row["peak_rss_bytes"] > 0 and row["peak_rss_bytes_2x"] > 0
+    assert 0 < row["replica_start_s"] < row["images"] / row["pipeline_images_per_s"]
+    assert row["memory_growth"] == round(row["peak_rss_bytes_2x"] / row["peak_rss_bytes"] - 1, 4)
+    assert {"decode_s", "infer_s", "encode_s", "write_s"} <= set(row["stage_s_per_image"])
+
+
+def test_pipeline_benchmark_rejects_a_bad_flag_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.bench", "pipeline", "--images", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "--images" in result.stderr

@@ -15,7 +15,7 @@ from schemas import IMAGES, instances_schema
 from tests.conftest import REPO
 
 
-def write_run_from_ground_truth(archive, dest, drop_every: int | None = None):
+def write_run_from_ground_truth(archive, dest, drop_every: int | None = None, score_threshold: float = 0.0):
     """A run whose instances are the COCO ground truth of ``archive`` (score 1), one shard."""
     coco = json.loads((archive / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}
@@ -70,7 +70,10 @@ def write_run_from_ground_truth(archive, dest, drop_every: int | None = None):
     commit.commit_shard(str(dest), 0, instances, pa.Table.from_pylist(image_rows, schema=IMAGES), {})
     commit.write_json(
         str(dest / "run.json"),
-        {"settings": {"source": str(archive)}, "model": {"card": {"classes": list(names.values())}}},
+        {
+            "settings": {"source": str(archive), "score_threshold": score_threshold},
+            "model": {"card": {"classes": list(names.values())}},
+        },
     )
     return coco
 
@@ -95,6 +98,12 @@ def test_sweep_counts_and_matches(archive, tmp_path):
     table = sweep(str(tmp_path / "perfect"), str(archive / "annotations.json"), [0.5, 1.0])
     assert table["instances"].tolist() == [len(coco["annotations"])] * 2
     assert table["precision"].tolist() == [1.0, 1.0] and table["recall"].tolist() == [1.0, 1.0]
+
+
+def test_sweep_below_the_runs_own_score_threshold_is_refused(archive, tmp_path):
+    write_run_from_ground_truth(archive, tmp_path / "run", score_threshold=0.5)
+    with pytest.raises(ValueError, match=r"--score-threshold 0\.3 or lower"):
+        sweep(str(tmp_path / "run"), str(archive / "annotations.json"), [0.3, 0.6])
 
 
 def test_evaluate_job_json_and_sweep_plot(archive, tmp_path):
