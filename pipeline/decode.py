@@ -86,9 +86,16 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray | DecodeError:
 
 
 def read_and_decode(uri: str, *, max_pixels: int) -> np.ndarray | DecodeError:
-    """Read ``uri`` (transient errors retried) and decode it; never raises for a bad image."""
+    """Read ``uri`` and decode it; a bad image becomes a ``DecodeError``, never an exception.
+
+    A missing or forbidden object is the image's own fault (``unreadable``).
+    Other storage errors (connection refused, throttling) are retried with
+    backoff and then raised: an outage fails the shard attempt, which is
+    retried and, at worst, left for ``--resume``, instead of committing
+    images as unreadable.
+    """
     try:
-        data = storage.retry_transient(lambda: storage.read_bytes(uri), attempts=3, base_delay_s=0.2)
-    except (OSError, ValueError) as exc:
+        data = storage.retry_transient(lambda: storage.read_bytes(uri), attempts=4, base_delay_s=0.5)
+    except (*storage.PERMANENT_ERRORS, storage.UnsafeURIError) as exc:
         return DecodeError("unreadable", one_line(exc))
     return decode_image(data, max_pixels=max_pixels)

@@ -84,8 +84,9 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 current = commit.read_json(lock_uri(self.dest))
-            except (OSError, ValueError):
-                current = {}
+            except (OSError, ValueError) as exc:
+                log.warning("lock heartbeat on %s skipped: %s", storage.redact(self.dest), exc)
+                continue
             if current.get("token") != self.token:
                 log.error(
                     "the lock on %s was taken by another job (pid %s on %s); this job keeps its "
@@ -95,7 +96,10 @@ class RunLock:
                     current.get("host"),
                 )
                 return
-            storage.retry_transient(lambda: commit.write_json(lock_uri(self.dest), self._payload()))
+            try:
+                commit.write_json(lock_uri(self.dest), self._payload())
+            except OSError as exc:
+                log.warning("lock heartbeat on %s skipped: %s", storage.redact(self.dest), exc)
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lock file if it is still ours."""

@@ -44,6 +44,8 @@ RUN_FORMAT = "segpipe-run"
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own default limit (about 9459 x 9459 px)."""
 
+RETRY_DELAY_S = 1.0
+"""A failed shard attempt is retried after 1 s, then 2 s, 4 s...: a storage outage gets time to pass."""
 SHARDS_IN_FLIGHT = 2
 """Shards a replica holds at once: one decodes/encodes while the other infers; 3 measured no faster."""
 DEFAULT_OVERLAP_THRESHOLD = 0.7
@@ -390,18 +392,32 @@ def execute(
     total_images = sum(len(rows_by_shard[s]) for s in todo)
     bar = _progress_bar(total_images, execution.progress)
     pending = deque(todo)
+    not_before: dict[int, float] = {}
     attempts: Counter[int] = Counter()
     load = [0] * replicas
     in_flight: dict[Any, tuple[int, int, Any]] = {}
+
+    def next_ready_shard() -> int | None:
+        now = time.monotonic()
+        for shard_id in pending:
+            if not_before.get(shard_id, 0.0) <= now:
+                pending.remove(shard_id)
+                return shard_id
+        return None
+
     while pending or in_flight:
         for index in range(replicas):
-            while load[index] < SHARDS_IN_FLIGHT and pending:
-                shard_id = pending.popleft()
+            while load[index] < SHARDS_IN_FLIGHT and (shard_id := next_ready_shard()) is not None:
                 attempts[shard_id] += 1
                 ref = actors[index].run_shard.remote(shard_id, rows_by_shard[shard_id], attempts[shard_id])
                 in_flight[ref] = (shard_id, index, actors[index])
                 load[index] += 1
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        wake = min((not_before.get(s, 0.0) for s in pending), default=None)
+        timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
+        if not in_flight:
+            time.sleep(timeout or 0.0)
+            continue
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
         for ref in ready:
             shard_id, index, actor = in_flight.pop(ref)
             load[index] -= 1
@@ -429,10 +445,17 @@ def execute(
                     bar,
                     f"{commit.shard_name(shard_id)} attempt {attempts[shard_id]} failed: {error}; retrying",
                 )
+                not_before[shard_id] = time.monotonic() + RETRY_DELAY_S * 2 ** (attempts[shard_id] - 1)
                 pending.appendleft(shard_id)
             else:
                 report.failed[shard_id] = error
-                commit.mark_failed(dest, shard_id, {"attempts": attempts[shard_id], "error": error})
+                try:
+                    commit.mark_failed(dest, shard_id, {"attempts": attempts[shard_id], "error": error})
+                except OSError as exc:
+                    # No marker at all is also redone by --resume; losing this write loses nothing.
+                    _log_line(
+                        bar, f"could not write the failed marker of {commit.shard_name(shard_id)}: {exc}"
+                    )
                 _log_line(
                     bar, f"{commit.shard_name(shard_id)} failed after {attempts[shard_id]} attempts: {error}"
                 )

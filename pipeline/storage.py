@@ -113,11 +113,17 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             out.write(data)
 
 
+PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+"""Errors about the object itself: retrying cannot help, so they are raised at once."""
+
+
 def retry_transient(action: Callable[[], T], *, attempts: int = 4, base_delay_s: float = 0.5) -> T:
-    """Run ``action``, retrying ``OSError`` (network, throttling) with exponential backoff."""
+    """Run ``action``, retrying other ``OSError`` (network, throttling, outage) with exponential backoff."""
     for attempt in range(attempts):
         try:
             return action()
+        except PERMANENT_ERRORS:
+            raise
         except OSError:
             if attempt == attempts - 1:
                 raise

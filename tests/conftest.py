@@ -87,10 +87,13 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint):
-    """A real embedded local Ray instance for the session (started after the S3 env is set)."""
+    """A real embedded local Ray instance for the session (started after the S3 env is set).
+
+    With the dashboard, which serves Ray's state API (the fault tests find replicas through it).
+    """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
