@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     dest = args.resume or args.output
     try:
+        for uri in filter(None, (args.source, dest)):
+            storage.resolve(uri)  # refuses URIs with credentials before anything is written
         with lock.acquire(dest):
             if args.resume:
                 pinned, loaded = segment.reopen(dest, pinned_flags)

@@ -57,6 +57,23 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the file's magic bytes (PNG, JPEG, TIFF, BMP, GIF, WEBP), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray | DecodeError:
     """Decode image bytes to uint8 (H, W, 3) RGB, or a :class:`DecodeError`.
 
@@ -80,6 +97,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray | DecodeError:
     except Image.DecompressionBombError as exc:
         return DecodeError("too_large", one_line(exc))
     except Image.UnidentifiedImageError:
+        sniffed = sniff_format(data)
+        if sniffed:
+            # The bytes say image, but the decoder cannot open it: a zero-sized
+            # image, or a compression or layout Pillow does not support.
+            return DecodeError(
+                "unsupported", f"a {sniffed} file the decoder cannot open (zero-sized or unusual)"
+            )
         return DecodeError("decode", "not a recognised image format")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return DecodeError("decode", one_line(exc))

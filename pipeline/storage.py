@@ -22,17 +22,17 @@ import pyarrow.fs as pafs
 T = TypeVar("T")
 
 _URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_QUERY = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?]*)\?\S*")
 
 
 class UnsafeURIError(ValueError):
     """A URI that carries credentials or a query string (refused: secrets belong in the environment)."""
 
 
-def redact(uri: str) -> str:
-    """``uri`` without credentials: userinfo (``user:secret@``) and the query string removed."""
-    uri = _USERINFO.sub(r"\1***@", str(uri))
-    return uri.split("?", 1)[0]
+def redact(text: str) -> str:
+    """``text`` (a URI or a message holding URIs) with each URI's userinfo and query string removed."""
+    return _QUERY.sub(r"\1", _USERINFO.sub(r"\1***@", str(text)))
 
 
 def _s3_filesystem() -> pafs.S3FileSystem:

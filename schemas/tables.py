@@ -22,7 +22,8 @@ IMAGE_STATUSES = ("ok", "unreadable", "decode", "too_large", "unsupported", "inf
 * ``unreadable``: the bytes could not be read (I/O error, missing object);
 * ``decode``: not a decodable image (corrupt, truncated, another format);
 * ``too_large``: more pixels than ``--max-pixels`` (checked from the header);
-* ``unsupported``: decodable but unusable (zero-sized, unsupported mode);
+* ``unsupported``: an image file by its magic bytes that the decoder cannot open
+  (zero-sized, unusual compression or layout);
 * ``inference``: the model raised on this image.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 from jobs import segment as segment_job
 from pipeline.synth import write_archive
 from tests.conftest import REPO
+from tests.corpus import MAX_PIXELS, write_corpus
 
 SETTINGS = ["--shard-size", 2, "--batch-size", 2]
 
@@ -250,3 +252,60 @@ def test_an_s3_outage_mid_run_loses_nothing(
     if outcome["code"] == 3:
         assert run("--resume", dest) == 0
     assert_same_rows(dest, clean_run, ignore=["uri"])
+
+
+def test_odd_and_broken_files_in_an_archive_are_each_accounted_for_once(
+    ray_local, archive, random_model_path, tmp_path
+):
+    source = tmp_path / "source"
+    shutil.copytree(archive, source)
+    expected = write_corpus(source)
+    dest = tmp_path / "run"
+    code = run(source, "--output", dest, "--model", random_model_path, "--max-pixels", MAX_PIXELS, *SETTINGS)
+    assert code == 0
+    images = pd.read_parquet(dest / "images")
+    names = images["uri"].map(lambda uri: Path(uri).relative_to(source).as_posix())
+    assert names.is_unique and "odd/folder.png" not in set(names)
+    by_name = images.set_index(names)
+    for name, want in expected.items():
+        row = by_name.loc[name]
+        assert row["status"] == want.status, (name, row["error"])
+        if want.size:
+            assert (row["height"], row["width"]) == want.size, name
+        else:
+            assert row["error"] and "\n" not in row["error"]
+    normal = by_name.drop(index=list(expected))
+    assert len(normal) == 6 and (normal["status"] == "ok").all()
+
+
+def test_input_keys_cannot_write_outside_dest(ray_local, archive, random_model_path, s3_bucket):
+    fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http")
+    tile = next(archive.rglob("*.png")).read_bytes()
+    keys = [
+        "slides/a/../../escape.png",
+        "slides/b/x..%2F..%2Fescape2.png",
+        "slides/c/%0a new line;rm -rf.png",
+        "slides/d/C:\\abs\\olute.png",
+        "slides/../slides/e/ünïcode ✓.png",
+        "slides/f/a...png",
+    ]
+    for key in keys:
+        with fs.open_output_stream(f"{s3_bucket}/{key}") as out:
+            out.write(tile)
+
+    def stored() -> set[str]:
+        selector = pafs.FileSelector(s3_bucket, recursive=True)
+        return {i.path.removeprefix(f"{s3_bucket}/") for i in fs.get_file_info(selector) if i.is_file}
+
+    inputs = stored()
+    dest = f"s3://{s3_bucket}/runs/r1"
+    assert run(f"s3://{s3_bucket}", "--output", dest, "--model", random_model_path, *SETTINGS) == 0
+    images = pd.read_parquet(f"{dest}/images")
+    assert len(images) == len(inputs) and images["uri"].is_unique
+    allowed = {"runs/r1/run.json", "runs/r1/manifest.parquet"}
+    for shard in range(-(-len(inputs) // 2)):
+        allowed |= {
+            f"runs/r1/{folder}/shard-{shard:05d}.{ext}"
+            for folder, ext in (("instances", "parquet"), ("images", "parquet"), ("_commits", "json"))
+        }
+    assert stored() - inputs == allowed

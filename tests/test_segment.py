@@ -171,6 +171,8 @@ def test_s3_source_and_destination(ray_local, archive, random_model_path, s3_buc
     assert len(instances) == images["n_instances"].sum() > 0
     run_json = json.loads(fs.open_input_stream(f"{s3_bucket}/runs/r1/run.json").read())
     assert "testing" not in json.dumps(run_json)
+    for info in fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/runs/r1/_commits")):
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in fs.open_input_stream(info.path).read().decode()
 
 
 @pytest.mark.parametrize(
