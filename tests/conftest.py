@@ -125,3 +125,14 @@ def random_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "random.pt"
     save_checkpoint(path, model, card)
     return path
+
+
+@pytest.fixture(scope="session")
+def segmented_run(ray_local, archive, random_model_path, tmp_path_factory) -> Path:
+    """A finished run of the random model over ``archive`` (2 shards), for the analysis tests."""
+    from jobs import segment as segment_job
+
+    dest = tmp_path_factory.mktemp("segmented") / "run"
+    argv = [str(archive), "--output", str(dest), "--model", str(random_model_path), "--shard-size", "4"]
+    assert segment_job.main([*argv, "--no-progress"]) == 0
+    return dest

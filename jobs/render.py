@@ -1,0 +1,54 @@
+"""QC pictures: one tile or a slide's contact sheet with instances drawn; a per-class area histogram.
+
+python -m jobs.render DEST (--image URI | --slide S) --output qc.png [--labels] [--histogram hist.png]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import cv2
+
+from jobs._cli import ArgumentParser, fail_usage
+from pipeline import storage
+from pipeline.render import area_histogram, contact_sheet, render_image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="jobs.render", description=__doc__.splitlines()[0])
+    parser.add_argument("dest", help="run folder or URI")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--image", help="URI of one tile, as in the images table")
+    which.add_argument("--slide", help="a slide: contact sheet of its tiles")
+    parser.add_argument("--output", required=True, help="PNG to write")
+    parser.add_argument(
+        "--labels", action="store_true", help="write class initial and score on each instance"
+    )
+    parser.add_argument("--max-tiles", type=int, default=64, help="--slide: tiles in the sheet (default 64)")
+    parser.add_argument("--histogram", help="--slide: also write the per-class area histogram PNG here")
+    args = parser.parse_args(argv)
+    if not args.output.lower().endswith(".png"):
+        parser.error("--output must end in .png")
+    if args.histogram and not args.slide:
+        parser.error("--histogram needs --slide")
+    if args.max_tiles < 1:
+        parser.error("--max-tiles must be at least 1")
+    if not storage.exists(storage.join(args.dest, "run.json")):
+        return fail_usage(parser.prog, f"no run at {storage.redact(args.dest)} (run.json not found)")
+    try:
+        if args.image:
+            picture = render_image(args.dest, args.image, labels=args.labels)
+        else:
+            picture = contact_sheet(args.dest, args.slide, labels=args.labels, max_tiles=args.max_tiles)
+            if args.histogram:
+                area_histogram(args.dest, args.slide, args.histogram)
+    except (OSError, ValueError) as exc:
+        return fail_usage(parser.prog, str(exc))
+    if not cv2.imwrite(args.output, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+        return fail_usage(parser.prog, f"could not write {args.output}")
+    print(f"wrote {args.output} ({picture.shape[1]}x{picture.shape[0]} px)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""QC pictures for people: a tile with its instances, a slide's contact sheet, an area histogram.
+
+Each instance is filled in its own colour (half transparent, so the tissue
+shows through) and outlined in white; with ``labels``, its class initial and
+score are written at its centroid. Masks come from the stored RLE, so the
+picture shows exactly what the tables hold.
+"""
+
+from __future__ import annotations
+
+import colorsys
+
+import cv2
+import numpy as np
+import pandas as pd
+from pycocotools import mask as mask_utils
+
+from pipeline.decode import DecodeError, read_and_decode
+from pipeline.stats import read_table
+
+FILL_ALPHA = 0.45
+GOLDEN_RATIO = 0.618033988749895
+
+
+def instance_colour(index: int) -> tuple[int, int, int]:
+    """A bright RGB colour for instance ``index``; neighbours in index differ strongly in hue."""
+    hue = (index * GOLDEN_RATIO) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_instances(image: np.ndarray, instances: pd.DataFrame, *, labels: bool = False) -> np.ndarray:
+    """``image`` (H, W, 3) uint8 RGB with ``instances`` (rows of the instances table) drawn on it."""
+    canvas = image.astype(np.float32)
+    outlines = np.zeros(image.shape[:2], np.uint8)
+    height, width = image.shape[:2]
+    for index, row in enumerate(instances.itertuples()):
+        mask = mask_utils.decode({"size": [height, width], "counts": row.rle}).astype(bool)
+        colour = np.array(instance_colour(index), np.float32)
+        canvas[mask] = (1 - FILL_ALPHA) * canvas[mask] + FILL_ALPHA * colour
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(outlines, contours, -1, 255, 1)
+    out = canvas.round().astype(np.uint8)
+    out[outlines > 0] = 255
+    if labels:
+        for row in instances.itertuples():
+            text = f"{row.class_name[:1]} {row.score:.2f}"
+            origin = (int(row.centroid_x) - 10, int(row.centroid_y) + 3)
+            cv2.putText(out, text, origin, cv2.FONT_HERSHEY_PLAIN, 0.7, (0, 0, 0), 2, cv2.LINE_AA)
+            cv2.putText(out, text, origin, cv2.FONT_HERSHEY_PLAIN, 0.7, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def _tile(uri: str, instances: pd.DataFrame, labels: bool) -> np.ndarray:
+    image = read_and_decode(uri, max_pixels=10**9)
+    if isinstance(image, DecodeError):
+        raise ValueError(f"cannot render {uri}: {image.kind}: {image.message}")
+    return draw_instances(image, instances[instances["uri"] == uri], labels=labels)
+
+
+def render_image(dest: str, uri: str, *, labels: bool = False) -> np.ndarray:
+    """The tile at ``uri`` (H, W, 3 RGB uint8, its own size) with the run's instances on it.
+
+    Raises:
+        ValueError: the run has no image ``uri``, or it cannot be decoded.
+    """
+    images = read_table(dest, "images", columns=["uri"])
+    if uri not in set(images["uri"]):
+        raise ValueError(f"the run has no image {uri!r}")
+    return _tile(uri, read_table(dest, "instances"), labels)
+
+
+def contact_sheet(
+    dest: str, slide: str, *, labels: bool = False, max_tiles: int = 64, cell_px: int = 256
+) -> np.ndarray:
+    """A grid of the slide's first ``max_tiles`` ok tiles (each fitted into ``cell_px``), rendered.
+
+    Each cell is captioned with the tile's file name and instance count.
+
+    Raises:
+        ValueError: the slide has no tile that was segmented.
+    """
+    images = read_table(dest, "images", columns=["uri", "slide_id", "status", "n_instances"])
+    tiles = images[(images["slide_id"] == slide) & (images["status"] == "ok")].sort_values("uri")
+    if tiles.empty:
+        raise ValueError(f"the run has no segmented tile on slide {slide!r}")
+    tiles = tiles.head(max_tiles)
+    instances = read_table(dest, "instances")
+    instances = instances[instances["slide_id"] == slide]
+    columns = int(np.ceil(np.sqrt(len(tiles))))
+    rows = int(np.ceil(len(tiles) / columns))
+    caption_px = 16
+    sheet = np.full((rows * (cell_px + caption_px), columns * cell_px, 3), 32, np.uint8)
+    for k, tile in enumerate(tiles.itertuples()):
+        rendered = _tile(tile.uri, instances, labels)
+        scale = cell_px / max(rendered.shape[:2])
+        fitted = cv2.resize(rendered, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        top, left = (k // columns) * (cell_px + caption_px), (k % columns) * cell_px
+        sheet[top : top + fitted.shape[0], left : left + fitted.shape[1]] = fitted
+        caption = f"{tile.uri.rsplit('/', 1)[-1]}  n={tile.n_instances}"
+        cv2.putText(
+            sheet, caption, (left + 3, top + cell_px + 12), cv2.FONT_HERSHEY_PLAIN, 0.8, (230, 230, 230), 1
+        )
+    return sheet
+
+
+def area_histogram(dest: str, slide: str, path: str, *, bins: int = 40) -> None:
+    """Write a PNG histogram of instance area (px) per class on ``slide``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    instances = read_table(dest, "instances", columns=["slide_id", "class_name", "area"])
+    instances = instances[instances["slide_id"] == slide]
+    if instances.empty:
+        raise ValueError(f"the run has no instance on slide {slide!r}")
+    figure, axis = plt.subplots(figsize=(7, 4))
+    edges = np.histogram_bin_edges(instances["area"], bins=bins)
+    for name, group in instances.groupby("class_name"):
+        axis.hist(group["area"], bins=edges, alpha=0.6, label=f"{name} (n={len(group)})")
+    axis.set_xlabel("area (px)")
+    axis.set_ylabel("instances")
+    axis.set_title(f"instance area on {slide}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

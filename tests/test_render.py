@@ -1,0 +1,66 @@
+"""QC pictures: a tile of its own size with instance colours; a contact sheet; a histogram."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.render import FILL_ALPHA, contact_sheet, instance_colour
+from tests.conftest import REPO
+
+
+def test_render_writes_the_tile_with_instance_colours(segmented_run, tmp_path):
+    instances = pd.read_parquet(segmented_run / "instances")
+    uri = instances["uri"].iloc[0]
+    output = tmp_path / "qc.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.render", str(segmented_run), "--image", uri, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    picture = cv2.cvtColor(cv2.imread(str(output)), cv2.COLOR_BGR2RGB)
+    original = cv2.cvtColor(cv2.imread(uri), cv2.COLOR_BGR2RGB)
+    assert picture.shape == original.shape
+    assert not np.array_equal(picture, original)
+    # Pixels outside every instance keep the original; white outlines are drawn.
+    assert (picture == 255).all(axis=2).any()
+    # The first instance's colour is blended into some pixel of its mask.
+    colour = np.array(instance_colour(0), np.float64)
+    expected = (1 - FILL_ALPHA) * original.astype(np.float64) + FILL_ALPHA * colour
+    assert (np.abs(picture - expected).max(axis=2) <= 1).any()
+
+
+def test_contact_sheet_and_histogram(segmented_run, tmp_path):
+    slide = pd.read_parquet(segmented_run / "images")["slide_id"].iloc[0]
+    sheet = contact_sheet(str(segmented_run), slide, cell_px=64)
+    assert sheet.shape == (2 * (64 + 16), 2 * 64, 3)
+    histogram = tmp_path / "hist.png"
+    output = tmp_path / "sheet.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.render",
+            str(segmented_run),
+            "--slide",
+            slide,
+            "--output",
+            str(output),
+            "--labels",
+            "--histogram",
+            str(histogram),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert output.read_bytes()[:4] == histogram.read_bytes()[:4] == b"\x89PNG"
