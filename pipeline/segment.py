@@ -267,10 +267,16 @@ class ShardWorker:
 
     def run_shard(self, shard_id: int, rows: list[dict], attempt: int) -> dict[str, Any]:
         output = self.processor.process(rows)
+        import ray
+
         summary = {
             **output.summary,
             "attempt": attempt,
-            "worker": {"pid": os.getpid(), "host": socket.gethostname()},
+            "worker": {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            },
         }
         started = time.perf_counter()
         commit.commit_shard(self.dest, shard_id, output.instances, output.images, summary)
@@ -313,8 +319,30 @@ def replica_layout(execution: ExecutionSettings) -> tuple[int, float, float]:
         raise RunError(
             f"{replicas} replicas x {gpus_per} GPU need {replicas * gpus_per} GPUs; cluster has {gpus:g}"
         )
-    cpus_per = execution.cpus_per_replica or max(1.0, min(8.0, math.floor(cpus / replicas)))
+    cpus_per = execution.cpus_per_replica or max(
+        1.0, min(8.0, math.floor(cpus / replicas), _node_cpus(gpus_per))
+    )
     return replicas, gpus_per, cpus_per
+
+
+def _node_cpus(gpus_per_replica: float) -> float:
+    """CPUs one replica can have on the best node (a replica cannot span nodes).
+
+    With GPUs: a node's CPUs shared by the replicas its GPUs hold; without:
+    the largest node's CPUs.
+    """
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if gpus_per_replica > 0:
+        shares = [
+            n.get("CPU", 0.0) / max(1, math.floor(n["GPU"] / gpus_per_replica + 1e-9))
+            for n in nodes
+            if n.get("GPU", 0.0) >= gpus_per_replica
+        ]
+    else:
+        shares = [n.get("CPU", 0.0) for n in nodes]
+    return math.floor(max(shares, default=1.0))
 
 
 def execute(
