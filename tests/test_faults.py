@@ -87,7 +87,11 @@ def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(
     )
     job.start()
     wait_for_first_commit(dest / "_commits")
-    replicas = list_actors(filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")], detail=True)
+    replicas = list_actors(
+        address=ray_local.get_runtime_context().gcs_address,  # this session's Ray, not the newest on the host
+        filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")],
+        detail=True,
+    )
     assert len(replicas) == 1
     os.kill(replicas[0].pid, signal.SIGKILL)
     job.join(300)
