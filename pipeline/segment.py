@@ -440,8 +440,7 @@ def execute(
                 ref = actors[index].run_shard.remote(shard_id, rows_by_shard[shard_id], attempts[shard_id])
                 in_flight[ref] = (shard_id, index, actors[index])
                 load[index] += 1
-        wake = min((not_before.get(s, 0.0) for s in pending), default=None)
-        timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
+        timeout = backoff_timeout(pending, not_before, time.monotonic())
         if not in_flight:
             time.sleep(timeout or 0.0)
             continue
@@ -495,6 +494,16 @@ def execute(
     report.committed.sort()
     report.wall_s = time.monotonic() - started
     return report
+
+
+def backoff_timeout(pending, not_before: dict[int, float], now: float) -> float | None:
+    """Seconds until the earliest pending shard's retry delay ends; None if none is waiting.
+
+    None makes the driver block until a shard finishes; a shard that may go
+    now but has no free replica slot must not turn the wait into a busy loop.
+    """
+    waiting = [not_before[s] for s in pending if not_before.get(s, 0.0) > now]
+    return min(waiting) - now if waiting else None
 
 
 def _progress_bar(total: int, enabled: bool | None):

@@ -240,3 +240,12 @@ def test_dense_post_processing_accounts_for_every_detection(ray_local, archive, 
             mask_utils.decode({"size": [r.height, r.width], "counts": r.rle}) for r in rows.itertuples()
         ]
         assert decoded and np.sum(decoded, axis=0).max() == 1
+
+
+def test_the_driver_blocks_instead_of_polling_when_no_retry_is_waiting():
+    from pipeline.segment import backoff_timeout
+
+    assert backoff_timeout([1, 2], {}, now=100.0) is None
+    assert backoff_timeout([1, 2], {1: 99.0}, now=100.0) is None
+    assert backoff_timeout([1, 2], {1: 103.0, 2: 101.5}, now=100.0) == pytest.approx(1.5)
+    assert backoff_timeout([], {1: 103.0}, now=100.0) is None
