@@ -21,7 +21,9 @@ from pycocotools import mask as mask_utils
 from jobs import segment as segment_job
 from jobs import stats as stats_job
 from pipeline.decode import read_and_decode
+from pipeline.export import geojson
 from pipeline.model import load_model
+from pipeline.stats import per_slide
 from tests.conftest import REPO
 
 PLAIN = ["--shard-size", 4, "--batch-size", 1, "--overlap-suppression", 1, "--no-exclusive-pixels"]
@@ -173,6 +175,11 @@ def test_s3_source_and_destination(ray_local, archive, random_model_path, s3_buc
     assert "testing" not in json.dumps(run_json)
     for info in fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/runs/r1/_commits")):
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in fs.open_input_stream(info.path).read().decode()
+    # The analysis tools read S3 destinations too.
+    table = per_slide(dest).groupby("slide_id")["count"].sum()
+    assert table.to_dict() == instances.groupby("slide_id").size().to_dict()
+    features = geojson(dest, slide="slide-000")["features"]
+    assert len(features) == (instances["slide_id"] == "slide-000").sum()
 
 
 @pytest.mark.parametrize(
