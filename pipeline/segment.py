@@ -266,9 +266,9 @@ class ShardWorker:
         }
 
     def run_shard(self, shard_id: int, rows: list[dict], attempt: int) -> dict[str, Any]:
-        output = self.processor.process(rows)
         import ray
 
+        output = self.processor.process(rows)
         summary = {
             **output.summary,
             "attempt": attempt,
