@@ -61,7 +61,11 @@ def _parser() -> ArgumentParser:
         "--gpus-per-replica", type=float, help="GPUs per replica; fractions pack several per GPU"
     )
     run.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica (also torch threads)")
-    run.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per forward pass (default {segment.DEFAULT_BATCH_SIZE}; on --resume, the run's)",
+    )
     run.add_argument("--max-attempts", type=int, default=3, help="attempts per shard before it is failed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -145,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                 pinned, loaded = segment.reopen(dest, pinned_flags)
             else:
                 given = {k: v for k, v in pinned_flags.items() if v is not None}
-                pinned, loaded = segment.start(dest, segment.PinnedSettings(source=args.source, **given))
+                pinned, loaded = segment.start(
+                    dest,
+                    segment.PinnedSettings(source=args.source, **given),
+                    batch_size=args.batch_size or segment.DEFAULT_BATCH_SIZE,
+                )
             report = segment.execute(dest, pinned, loaded, execution, shards=shards)
     except (segment.RunError, lock.RunLocked, storage.UnsafeURIError, PlanError, ModelLoadError) as exc:
         return fail_usage(parser.prog, str(exc))

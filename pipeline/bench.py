@@ -224,7 +224,8 @@ def _timed_run(source: Path, dest: Path, pinned_kwargs: dict, execution) -> tupl
     """(wall seconds of plan + execute, peak RSS bytes, report) of one segment run on the live Ray."""
     with PeakMemory() as memory:
         start = time.perf_counter()
-        pinned, loaded = segment.start(str(dest), segment.PinnedSettings(source=str(source), **pinned_kwargs))
+        settings = segment.PinnedSettings(source=str(source), **pinned_kwargs)
+        pinned, loaded = segment.start(str(dest), settings, batch_size=execution.batch_size)
         report = segment.execute(str(dest), pinned, loaded, execution)
         wall = time.perf_counter() - start
     if report.failed or report.images_error:

@@ -52,6 +52,9 @@ DEFAULT_OVERLAP_THRESHOLD = 0.7
 """Mask-overlap suppression (intersection over the smaller mask); chosen on held-out tiles (README)."""
 DEFAULT_EXCLUSIVE_PIXELS = False
 """Exclusive pixel ownership off by default; chosen on held-out tiles (README)."""
+DEFAULT_BATCH_SIZE = 4
+"""Images per forward pass of a new run. Batch size changes boxes and scores in their last float
+bits (batched convolutions sum in another order), so run.json records it and resumes reuse it."""
 
 _ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 log = logging.getLogger("segpipe")
@@ -89,7 +92,8 @@ class ExecutionSettings:
     replicas: int | None = None
     gpus_per_replica: float | None = None
     cpus_per_replica: float | None = None
-    batch_size: int = 4
+    batch_size: int | None = None
+    """None: the batch size the run started with (run.json), so redone shards match the rest bit for bit."""
     max_attempts: int = 3
     progress: bool | None = None
 
@@ -162,8 +166,12 @@ def _manifest_uri(dest: str) -> str:
     return storage.join(dest, "manifest.parquet")
 
 
-def start(dest: str, pinned: PinnedSettings) -> tuple[PinnedSettings, LoadedModel]:
+def start(
+    dest: str, pinned: PinnedSettings, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> tuple[PinnedSettings, LoadedModel]:
     """Create a new run at ``dest``: resolve the model, plan, write manifest.parquet and run.json.
+
+    ``batch_size`` is recorded in run.json as the run's default for resumes.
 
     Raises:
         RunError: ``dest`` already holds a run, or settings are invalid.
@@ -186,6 +194,7 @@ def start(dest: str, pinned: PinnedSettings) -> tuple[PinnedSettings, LoadedMode
         "model": {"card": loaded.card.to_dict(), "fingerprint": loaded.fingerprint},
         "images": manifest.num_rows,
         "shards": int(manifest["shard_id"][-1].as_py()) + 1,
+        "batch_size": batch_size,
         "versions": _versions(),
     }
     commit.write_json(_run_json_uri(dest), run_json)
@@ -345,6 +354,19 @@ def _node_cpus(gpus_per_replica: float) -> float:
     return math.floor(max(shares, default=1.0))
 
 
+def _batch_size(dest: str, asked: int | None) -> int:
+    """The batch size to run with: ``asked``, else the one run.json records (warns when they differ)."""
+    recorded = commit.read_json(_run_json_uri(dest)).get("batch_size", DEFAULT_BATCH_SIZE)
+    if asked is not None and asked != recorded:
+        log.warning(
+            "batch size %d differs from the run's %d: boxes and scores of the shards done now may "
+            "differ from the others in their last float bits",
+            asked,
+            recorded,
+        )
+    return asked or recorded
+
+
 def execute(
     dest: str,
     pinned: PinnedSettings,
@@ -384,6 +406,7 @@ def execute(
         report.wall_s = time.monotonic() - started
         return report
 
+    batch_size = _batch_size(dest, execution.batch_size)
     connect_ray(execution.address)
     replicas, gpus_per, cpus_per = replica_layout(execution)
     replicas = min(replicas, len(todo))
@@ -391,7 +414,7 @@ def execute(
         score_threshold=pinned.score_threshold,
         mask_threshold=pinned.mask_threshold,
         max_detections=pinned.max_detections,
-        batch_size=execution.batch_size,
+        batch_size=batch_size,
         max_pixels=pinned.max_pixels,
         overlap_threshold=pinned.overlap_threshold,
         exclusive_pixels=pinned.exclusive_pixels,

@@ -268,6 +268,7 @@ class ShardProcessor:
             "image_errors": dict(errors),
             "instances": instances.num_rows,
             "device": str(self.device),
+            "batch_size": self.settings.batch_size,
             "timings_s": {
                 k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - started}.items()
             },

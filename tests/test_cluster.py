@@ -155,4 +155,4 @@ def test_ray_job_submit_to_a_two_node_cluster_equals_the_embedded_run(
             pd.read_parquet(run / "instances").sort_values(["image_id", "instance_id"]).reset_index(drop=True)
         )
 
-    pd.testing.assert_frame_equal(rows(dest), rows(segmented_run))
+    pd.testing.assert_frame_equal(rows(dest), rows(segmented_run), check_exact=True)

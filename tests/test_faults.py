@@ -45,7 +45,9 @@ def instances(dest) -> pd.DataFrame:
 def assert_same_rows(dest, reference, *, ignore=()) -> None:
     got, want = instances(dest), instances(reference)
     assert not got.duplicated(["image_id", "instance_id"]).any()
-    pd.testing.assert_frame_equal(got.drop(columns=list(ignore)), want.drop(columns=list(ignore)))
+    pd.testing.assert_frame_equal(
+        got.drop(columns=list(ignore)), want.drop(columns=list(ignore)), check_exact=True
+    )
     images = pd.read_parquet(str(dest) + "/images")
     assert len(images) == images["image_id"].nunique() == 16
     assert (images["status"] == "ok").all()

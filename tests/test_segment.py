@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 
 from jobs import segment as segment_job
 from jobs import stats as stats_job
+from pipeline import segment
 from pipeline.decode import read_and_decode
 from pipeline.export import geojson
 from pipeline.model import load_model
@@ -105,7 +106,7 @@ def test_same_inputs_same_rows(finished_run, archive, random_model_path, tmp_pat
     assert run(archive, "--output", again, "--model", random_model_path, *PLAIN) == 0
     first = pd.read_parquet(finished_run / "instances")
     second = pd.read_parquet(again / "instances")
-    pd.testing.assert_frame_equal(first.reset_index(drop=True), second.reset_index(drop=True))
+    pd.testing.assert_frame_equal(first, second, check_exact=True)
 
 
 def test_resume_does_only_missing_shards_and_rerun_replaces(finished_run, tmp_path, capsys):
@@ -124,7 +125,8 @@ def test_resume_does_only_missing_shards_and_rerun_replaces(finished_run, tmp_pa
     assert run("--resume", dest, "--shards", "0") == 0
     after = pd.read_parquet(dest / "instances")
     assert kept.stat().st_mtime_ns != kept_stat
-    pd.testing.assert_frame_equal(before, after)
+    assert json.loads((dest / "_commits" / "shard-00000.json").read_text())["batch_size"] == 1  # the run's
+    pd.testing.assert_frame_equal(before, after, check_exact=True)
     assert sorted(os.listdir(dest / "instances")) == ["shard-00000.parquet", "shard-00001.parquet"]
 
 
@@ -256,3 +258,11 @@ def test_the_driver_blocks_instead_of_polling_when_no_retry_is_waiting():
     assert backoff_timeout([1, 2], {1: 99.0}, now=100.0) is None
     assert backoff_timeout([1, 2], {1: 103.0, 2: 101.5}, now=100.0) == pytest.approx(1.5)
     assert backoff_timeout([], {1: 103.0}, now=100.0) is None
+
+
+def test_resume_reuses_the_runs_batch_size_and_warns_on_another(finished_run, caplog):
+    assert json.loads((finished_run / "run.json").read_text())["batch_size"] == 1
+    assert segment._batch_size(str(finished_run), None) == 1
+    assert not caplog.records
+    assert segment._batch_size(str(finished_run), 3) == 3
+    assert "differs from the run's 1" in caplog.text
