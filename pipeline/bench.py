@@ -13,6 +13,7 @@ peak memory of the driver and every Ray process for N and 10 x N images.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import subprocess
@@ -114,12 +115,35 @@ def bench_masks(
     return results
 
 
+def process_role(proc, root_pid: int) -> str:
+    """What a process of an embedded Ray job is, for the memory breakdown.
+
+    ``driver`` (the benchmark itself), ``replica`` (a ShardWorker actor),
+    ``idle_worker`` (a Ray worker waiting for work), ``raylet``, ``gcs_server``,
+    or ``ray_other`` (dashboard, agents, log monitor, other workers).
+    """
+    if proc.pid == root_pid:
+        return "driver"
+    name = proc.name()
+    if name in ("raylet", "gcs_server"):
+        return name
+    title = " ".join(proc.cmdline()[:1])
+    if title.startswith("ray::ShardWorker"):
+        return "replica"
+    if title.startswith("ray::IDLE"):
+        return "idle_worker"
+    return "ray_other"
+
+
 class PeakMemory:
     """Samples the summed resident memory of this process and all its descendants.
 
     With an embedded local Ray instance, the GCS, raylet and every worker
     process are descendants of the driver, so the sum covers the whole job.
-    Use as a context manager; ``peak_bytes`` is the largest sum seen.
+    Use as a context manager; ``peak_bytes`` is the largest sum seen and
+    ``peak_by_role`` its split by :func:`process_role` at that moment.
+    RSS counts a shared page (the object store, shared libraries) in every
+    process that maps it, so the sum is an upper bound.
     """
 
     def __init__(self, interval_s: float = 0.1):
@@ -128,24 +152,31 @@ class PeakMemory:
         self._root = psutil.Process()
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.peak_by_role: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="peak-memory")
 
-    def sample(self) -> int:
-        """Summed RSS in bytes of this process and its live descendants now."""
+    def sample(self) -> dict[str, int]:
+        """RSS in bytes of this process and its live descendants now, summed by role."""
         import psutil
 
-        total = 0
+        by_role: dict[str, int] = collections.Counter()
         for proc in [self._root, *self._root.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                by_role[process_role(proc, self._root.pid)] += proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        return total
+        return dict(by_role)
+
+    def _record(self) -> None:
+        by_role = self.sample()
+        if sum(by_role.values()) > self.peak_bytes:
+            self.peak_bytes = sum(by_role.values())
+            self.peak_by_role = dict(sorted(by_role.items()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self.sample())
+            self._record()
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
@@ -155,7 +186,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self.sample())
+        self._record()
 
 
 def make_archive(dest: Path, images: int, size: int, tiles_per_slide: int = 16) -> Path:
@@ -220,8 +251,8 @@ def first_commit_seconds(source: Path, dest: Path, *, model: str | None, shard_s
     return first if first is not None else time.monotonic() - start
 
 
-def _timed_run(source: Path, dest: Path, pinned_kwargs: dict, execution) -> tuple[float, int, object]:
-    """(wall seconds of plan + execute, peak RSS bytes, report) of one segment run on the live Ray."""
+def _timed_run(source: Path, dest: Path, pinned_kwargs: dict, execution) -> tuple[float, PeakMemory, object]:
+    """(wall seconds of plan + execute, its PeakMemory, report) of one segment run on the live Ray."""
     with PeakMemory() as memory:
         start = time.perf_counter()
         settings = segment.PinnedSettings(source=str(source), **pinned_kwargs)
@@ -230,7 +261,7 @@ def _timed_run(source: Path, dest: Path, pinned_kwargs: dict, execution) -> tupl
         wall = time.perf_counter() - start
     if report.failed or report.images_error:
         raise RuntimeError(f"benchmark run not clean: {segment.format_report(report)}")
-    return wall, memory.peak_bytes, report
+    return wall, memory, report
 
 
 def bench_pipeline(
@@ -250,8 +281,9 @@ def bench_pipeline(
     planning to the last commit, replica start-up included), the same ratio
     once replicas are up (``steady_ratio``), Ray and replica start-up seconds, seconds
     to the first committed shard (a fresh ``jobs.segment`` process), peak RSS
-    for ``images`` and ``memory_factor * images`` images and the relative
-    growth, and the per-stage seconds per image of the pipeline run.
+    for ``images`` and ``memory_factor * images`` images, the relative growth
+    and each peak's split by process role, and the per-stage seconds per image
+    of the pipeline run.
     """
     import ray
 
@@ -279,8 +311,9 @@ def bench_pipeline(
             model, paths, batch_size=batch_size, device=device, threads=int(threads)
         )
         pinned = {"model": model, "shard_size": shard_size}
-        wall, peak_small, report = _timed_run(small, root / "run", pinned, execution)
-        _, peak_large, _ = _timed_run(large, root / "run-large", pinned, execution)
+        wall, memory_small, report = _timed_run(small, root / "run", pinned, execution)
+        _, memory_large, _ = _timed_run(large, root / "run-large", pinned, execution)
+        peak_small, peak_large = memory_small.peak_bytes, memory_large.peak_bytes
         pipeline_rate = images / wall
         steady_rate = images / (wall - report.replicas_ready_s)
         per_image = {k: round(v / images, 5) for k, v in sorted(report.stage_s.items())}
@@ -301,6 +334,8 @@ def bench_pipeline(
             "peak_rss_bytes": peak_small,
             f"peak_rss_bytes_{memory_factor}x": peak_large,
             "memory_growth": round(peak_large / peak_small - 1, 4),
+            "peak_rss_by_role": memory_small.peak_by_role,
+            f"peak_rss_by_role_{memory_factor}x": memory_large.peak_by_role,
             "stage_s_per_image": per_image,
         }
     finally:

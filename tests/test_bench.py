@@ -41,6 +41,10 @@ def test_pipeline_benchmark_runs_on_a_tiny_input_and_reports_the_keys(random_mod
     assert row["peak_rss_bytes"] > 0 and row["peak_rss_bytes_2x"] > 0
     assert 0 < row["replica_start_s"] < row["images"] / row["pipeline_images_per_s"]
     assert row["memory_growth"] == round(row["peak_rss_bytes_2x"] / row["peak_rss_bytes"] - 1, 4)
+    for suffix in ("", "_2x"):
+        by_role = row[f"peak_rss_by_role{suffix}"]
+        assert sum(by_role.values()) == row[f"peak_rss_bytes{suffix}"]
+        assert {"driver", "replica", "raylet", "gcs_server"} <= set(by_role), by_role
     assert {"decode_s", "infer_s", "encode_s", "write_s"} <= set(row["stage_s_per_image"])
 
 
