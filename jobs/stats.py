@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "display.float_format",
         "{:.1f}".format,
     ):
-        print(table.to_string(index=False))
+        print(table.to_string(index=False, formatters={"score_mean": "{:.3f}".format}))
     return 0
 
 

@@ -213,6 +213,7 @@ def test_stats_job_prints_the_table_and_writes_files(finished_run, tmp_path, cap
     assert stats_job.main([str(finished_run)]) == 0
     printed = capsys.readouterr().out
     assert "slide-000" in printed and "slide-001" in printed and "count" in printed
+    assert f"{per_slide(str(finished_run))['score_mean'].iloc[0]:.3f}" in printed  # scores keep 3 decimals
     out = tmp_path / "stats.csv"
     assert stats_job.main([str(finished_run), "--output", str(out), "--pixel-size-um", "0.5"]) == 0
     table = pd.read_csv(out)
