@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 pinned, loaded = segment.start(
                     dest,
                     segment.PinnedSettings(source=args.source, **given),
-                    batch_size=args.batch_size or segment.DEFAULT_BATCH_SIZE,
+                    batch_size=args.batch_size,
                 )
             report = segment.execute(dest, pinned, loaded, execution, shards=shards)
     except (segment.RunError, lock.RunLocked, storage.UnsafeURIError, PlanError, ModelLoadError) as exc:

@@ -127,7 +127,8 @@ def process_role(proc, root_pid: int) -> str:
     name = proc.name()
     if name in ("raylet", "gcs_server"):
         return name
-    title = " ".join(proc.cmdline()[:1])
+    cmdline = proc.cmdline()
+    title = cmdline[0] if cmdline else ""
     if title.startswith("ray::ShardWorker"):
         return "replica"
     if title.startswith("ray::IDLE"):
@@ -170,8 +171,9 @@ class PeakMemory:
 
     def _record(self) -> None:
         by_role = self.sample()
-        if sum(by_role.values()) > self.peak_bytes:
-            self.peak_bytes = sum(by_role.values())
+        total = sum(by_role.values())
+        if total > self.peak_bytes:
+            self.peak_bytes = total
             self.peak_by_role = dict(sorted(by_role.items()))
 
     def _run(self) -> None:

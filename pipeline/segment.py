@@ -167,11 +167,11 @@ def _manifest_uri(dest: str) -> str:
 
 
 def start(
-    dest: str, pinned: PinnedSettings, *, batch_size: int = DEFAULT_BATCH_SIZE
+    dest: str, pinned: PinnedSettings, *, batch_size: int | None = None
 ) -> tuple[PinnedSettings, LoadedModel]:
     """Create a new run at ``dest``: resolve the model, plan, write manifest.parquet and run.json.
 
-    ``batch_size`` is recorded in run.json as the run's default for resumes.
+    ``batch_size`` (None: ``DEFAULT_BATCH_SIZE``) is recorded in run.json as the run's default for resumes.
 
     Raises:
         RunError: ``dest`` already holds a run, or settings are invalid.
@@ -194,7 +194,7 @@ def start(
         "model": {"card": loaded.card.to_dict(), "fingerprint": loaded.fingerprint},
         "images": manifest.num_rows,
         "shards": int(manifest["shard_id"][-1].as_py()) + 1,
-        "batch_size": batch_size,
+        "batch_size": batch_size or DEFAULT_BATCH_SIZE,
         "versions": _versions(),
     }
     commit.write_json(_run_json_uri(dest), run_json)
@@ -364,7 +364,7 @@ def _batch_size(dest: str, asked: int | None) -> int:
             asked,
             recorded,
         )
-    return asked or recorded
+    return recorded if asked is None else asked
 
 
 def execute(
