@@ -12,12 +12,15 @@ instance's own (expanded, integer) box, so the cost is O(box area):
    image border), then threshold (``probability >= mask_threshold``). Placed in
    a full canvas, the crop equals ``paste_masks_in_image(...)[i, 0] >=
    threshold`` pixel for pixel;
-2. RLE: the crop's runs, read in column-major order, are offset into the full
-   image's run sequence; ``pycocotools`` compresses the counts;
-3. polygon: OpenCV contours of the crop (``RETR_CCOMP``, so holes survive),
-   through the centres of boundary pixels, grown by half a pixel (square caps,
-   mitred joins) so the outline follows pixel edges; WKB bytes;
-4. measurements from the crop's pixels.
+2. pack: all crops of the image go, transposed, into one small zero-separated
+   canvas (:class:`CropAtlas`), so that what follows is a few whole-array
+   calls per image, not a few calls per instance;
+3. RLE: the canvas's row-major runs are the crops' column-major runs; offset
+   into the full image's run sequence, ``pycocotools`` compresses the counts;
+4. polygon: one OpenCV trace (``RETR_CCOMP``, so holes survive) of the
+   canvas's pixel edges (:func:`pixel_edge_grid`), so outlines follow pixel
+   edges; WKB bytes;
+5. measurements from the runs.
 
 Conventions: pixel (row i, column j) covers [j, j + 1) x [i, i + 1) in image
 coordinates (x right, y down), so its centre is (j + 0.5, i + 0.5). Boxes are
@@ -30,6 +33,7 @@ crops to the host.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import cv2
@@ -38,7 +42,7 @@ import shapely
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from shapely.geometry import LineString, MultiPolygon, Point, Polygon
+from shapely.geometry import Polygon
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 PASTE_PADDING = 1
@@ -134,8 +138,9 @@ def paste(
             continue
         w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
         local = F.interpolate(grid[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        window = local[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] >= threshold
-        crops.append(Crop(window.cpu().numpy(), x0, y0))
+        # NumPy compares float32 with a Python float in float32, as torch does.
+        window = local.cpu().numpy()[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] >= threshold
+        crops.append(Crop(window, x0, y0))
     return crops
 
 
@@ -216,95 +221,6 @@ def paste_batched(
     return crops
 
 
-def rle_counts(crop: Crop, image_size: tuple[int, int]) -> list[int]:
-    """Uncompressed COCO RLE counts of ``crop`` over the whole image (column-major, zeros first)."""
-    height, width = image_size
-    h, w = crop.mask.shape
-    if h == 0 or w == 0 or not crop.mask.any():
-        return [height * width]
-    # Column-major walk over the crop with one zero appended per column, so that
-    # runs never join across columns unless the crop spans the full height
-    # (then consecutive columns are adjacent in the full image too).
-    spans_height = h == height
-    stride = h if spans_height else h + 1
-    walk = np.zeros((w, stride), np.int8)
-    walk[:, :h] = crop.mask.T
-    walk = walk.ravel()
-    edges = np.diff(walk, prepend=0, append=0)
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-
-    def to_image_index(pos: np.ndarray) -> np.ndarray:
-        column, row = np.divmod(pos, stride)
-        return (crop.x0 + column) * height + crop.y0 + row
-
-    if spans_height:
-        run_starts = to_image_index(starts)
-        run_ends = run_starts + (ends - starts)
-    else:
-        run_starts, run_ends = to_image_index(starts), to_image_index(ends - 1) + 1
-    boundaries = np.empty(2 * len(run_starts) + 2, np.int64)
-    boundaries[0], boundaries[-1] = 0, height * width
-    boundaries[1:-1:2], boundaries[2:-1:2] = run_starts, run_ends
-    counts = np.diff(boundaries)
-    if counts[-1] == 0:
-        counts = counts[:-1]
-    return counts.tolist()
-
-
-def _ring_geometry(points: np.ndarray):
-    """A contour (K, 2) of pixel centres as a Polygon, LineString or Point."""
-    if len(points) >= 3:
-        return Polygon(points)
-    if len(points) == 2:
-        return LineString(points)
-    return Point(points[0])
-
-
-def polygon_from_crop(crop: Crop):
-    """Polygon or MultiPolygon (valid) of the crop's pixels, in image coordinates.
-
-    Contours (OpenCV ``RETR_CCOMP``: outer boundaries and their holes) pass
-    through boundary pixel centres; growing them by 0.5 px with square caps and
-    mitred joins puts the outline on pixel edges, so one pixel becomes a unit
-    square and thin structures keep their width.
-    """
-    if crop.mask.size == 0 or not crop.mask.any():
-        return Polygon()
-    padded = np.pad(crop.mask.astype(np.uint8), 1)
-    contours, hierarchy = cv2.findContours(padded, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    offset = np.array([crop.x0 - 1 + 0.5, crop.y0 - 1 + 0.5])
-    parts = []
-    for index, contour in enumerate(contours):
-        if hierarchy[0, index, 3] != -1:
-            continue
-        outer = _ring_geometry(contour[:, 0, :] + offset)
-        holes = []
-        child = hierarchy[0, index, 2]
-        while child != -1:
-            ring = contours[child][:, 0, :] + offset
-            if len(ring) >= 3:
-                holes.append(Polygon(ring))
-            child = hierarchy[0, child, 0]
-        if isinstance(outer, Polygon) and not outer.is_valid:
-            outer = shapely.make_valid(outer)
-        grown = outer.buffer(0.5, cap_style="square", join_style="mitre")
-        for hole in holes:
-            # The hole ring runs through foreground pixel centres around the hole;
-            # shrinking it by 0.5 px puts it on the hole's pixel edges.
-            shrunk = shapely.make_valid(hole).buffer(-0.5, join_style="mitre")
-            if not shrunk.is_empty:
-                grown = grown.difference(shrunk)
-        parts.append(grown)
-    geometry = shapely.union_all(parts)
-    if not geometry.is_valid:
-        geometry = shapely.make_valid(geometry)
-    polygons = [g for g in getattr(geometry, "geoms", [geometry]) if isinstance(g, (Polygon, MultiPolygon))]
-    flat = [p for g in polygons for p in getattr(g, "geoms", [g]) if not p.is_empty]
-    if len(flat) == 1:
-        return flat[0]
-    return MultiPolygon(flat)
-
-
 def encode(
     probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float
 ) -> InstanceMasks:
@@ -330,31 +246,264 @@ def paste_on_device(
     return paste_fn(probs, boxes, image_size, threshold)
 
 
-def encode_crops(crops: list[Crop], image_size: tuple[int, int]) -> InstanceMasks:
-    """:class:`InstanceMasks` of already pasted and thresholded crops."""
+@dataclass(frozen=True)
+class CropAtlas:
+    """The crops of one image packed, transposed, into one uint8 canvas.
+
+    Crop k's mask, transposed to (w, h), sits at ``canvas[top[k] : top[k] + w,
+    left[k] : left[k] + h]`` with zero pixels all around it. Transposed, an
+    atlas row is an image column, so the canvas's row-major runs are the
+    crops' column-major (COCO) runs, and one ``cv2.findContours`` over the
+    canvas traces every crop exactly as it would trace the crop alone.
+    Crops are placed on shelves, tallest first, so the canvas is about the
+    summed crop area, not the image's.
+
+    Fields: canvas uint8 (rows, width); top, left, x0, y0 int64 (N,), the
+    crop's place in the canvas and in the image; shelf_top int64 (S,), first
+    canvas row of each shelf; placed_key int64 (P,) and placed int64 (P,), the
+    placed (non-empty) crops in placement order with key shelf * width + left,
+    increasing.
+    """
+
+    canvas: np.ndarray
+    top: np.ndarray
+    left: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    shelf_top: np.ndarray
+    placed_key: np.ndarray
+    placed: np.ndarray
+
+    @classmethod
+    def pack(cls, crops: list[Crop]) -> CropAtlas:
+        """Pack ``crops`` (empty ones take no space) into a new atlas."""
+        # Transposed, a crop's image columns are canvas rows and its image rows canvas columns.
+        rows = [c.mask.shape[1] for c in crops]
+        cols = [c.mask.shape[0] for c in crops]
+        cells = sum((r + 1) * (c + 1) for r, c in zip(rows, cols, strict=True))
+        # The widest crop plus a zero column on each side, and at least about
+        # square so that shelves stay few.
+        width = max(max(cols, default=0) + 2, math.isqrt(cells) + 2)
+        n = len(crops)
+        top, left = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        shelf_top, placed, placed_key = [1], [], []
+        row, col, shelf_rows = 1, 1, 0
+        for k in sorted(range(n), key=lambda i: -rows[i]):
+            if rows[k] == 0 or cols[k] == 0:
+                continue
+            if col + cols[k] + 1 > width:
+                row, col, shelf_rows = row + shelf_rows + 1, 1, 0
+                shelf_top.append(row)
+            top[k], left[k] = row, col
+            placed.append(k)
+            placed_key.append((len(shelf_top) - 1) * width + col)
+            col += cols[k] + 1
+            shelf_rows = max(shelf_rows, rows[k])
+        canvas = np.zeros((row + shelf_rows + 1, width), np.uint8)
+        for k in placed:
+            canvas[top[k] : top[k] + rows[k], left[k] : left[k] + cols[k]] = crops[k].mask.T
+        return cls(
+            canvas,
+            top,
+            left,
+            np.array([c.x0 for c in crops], np.int64),
+            np.array([c.y0 for c in crops], np.int64),
+            np.array(shelf_top, np.int64),
+            np.array(placed_key, np.int64),
+            np.array(placed, np.int64),
+        )
+
+    def owner(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Index of the crop holding each canvas pixel (rows[i], cols[i]), ints; each must lie in a crop."""
+        shelf = np.searchsorted(self.shelf_top, rows, side="right") - 1
+        key = shelf * self.canvas.shape[1] + cols
+        return self.placed[np.searchsorted(self.placed_key, key, side="right") - 1]
+
+    def to_image(
+        self, rows: np.ndarray, cols: np.ndarray, owner: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Image (x, y) of canvas positions (rows, cols) inside crops ``owner``; float or int arrays."""
+        return self.x0[owner] + rows - self.top[owner], self.y0[owner] + cols - self.left[owner]
+
+
+@dataclass(frozen=True)
+class ColumnRuns:
+    """Runs of foreground pixels, one image column each, sorted by crop then column then row.
+
+    Fields (R,) int64: owner (crop index), column (image x), row (image y of the
+    run's first pixel), length (pixels).
+    """
+
+    owner: np.ndarray
+    column: np.ndarray
+    row: np.ndarray
+    length: np.ndarray
+
+    @classmethod
+    def of(cls, atlas: CropAtlas) -> ColumnRuns:
+        """The foreground runs of every crop in ``atlas``."""
+        flat = atlas.canvas.ravel()
+        # The canvas starts and ends with zeros, so changes pair up: run start, run end.
+        changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        starts, ends = changes[0::2], changes[1::2]
+        rows, cols = np.divmod(starts, atlas.canvas.shape[1])
+        owner = atlas.owner(rows, cols)
+        column, row = atlas.to_image(rows, cols, owner)
+        order = np.argsort(owner, kind="stable")
+        return cls(owner[order], column[order], row[order], (ends - starts)[order])
+
+
+def rle_strings(runs: ColumnRuns, n: int, image_size: tuple[int, int]) -> list[str]:
+    """COCO compressed RLE (ASCII) over the whole image of each of ``n`` crops' runs."""
     height, width = image_size
-    n = len(crops)
-    area = np.zeros(n, np.int64)
+    total = height * width
+    start = runs.column * height + runs.row
+    end = start + runs.length
+    # A crop spanning the full height continues a run from the bottom of one
+    # column into the top of the next: join runs that touch in the image.
+    joined = np.zeros(len(start), bool)
+    joined[1:] = (runs.owner[1:] == runs.owner[:-1]) & (start[1:] == end[:-1])
+    first, last = ~joined, np.ones_like(joined)
+    last[:-1] = first[1:]
+    owner, start, end = runs.owner[first], start[first], end[last]
+
+    # Crop k's run boundaries [0, s1, e1, ..., sm, em, total] are slots
+    # offsets[k] .. offsets[k + 1] - 1; their differences are its counts.
+    per_crop = np.bincount(owner, minlength=n)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(2 * per_crop + 2, out=offsets[1:])
+    boundaries = np.empty(offsets[-1], np.int64)
+    boundaries[offsets[:-1]] = 0
+    boundaries[offsets[1:] - 1] = total
+    rank = np.arange(len(owner)) - (np.cumsum(per_crop) - per_crop)[owner]
+    slot = offsets[owner] + 1 + 2 * rank
+    boundaries[slot], boundaries[slot + 1] = start, end
+    counts = np.diff(boundaries)
+    # The last count is dropped when it is zero (a run ends at the last pixel), as pycocotools does.
+    stop = offsets[1:] - 1 - (counts[offsets[1:] - 2] == 0)
+    uncompressed = [
+        {"counts": counts[a:b], "size": [height, width]}
+        for a, b in zip(offsets[:-1].tolist(), stop.tolist(), strict=True)
+    ]
+    compressed = mask_utils.frPyObjects(uncompressed, height, width) if n else []
+    return [r["counts"].decode("ascii") for r in compressed]
+
+
+def measure(runs: ColumnRuns, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area int64 (n,), tight box int32 (n, 4) x0, y0, x1, y1 (exclusive) and centroid float64 (n, 2).
+
+    Empty crops get area 0, box zeros and centroid NaN.
+    """
+    area = np.bincount(runs.owner, weights=runs.length, minlength=n)
     mask_box = np.zeros((n, 4), np.int32)
     centroid = np.full((n, 2), np.nan)
-    perimeter = np.zeros(n)
-    polygons, uncompressed = [], []
-    for i, crop in enumerate(crops):
-        uncompressed.append({"counts": rle_counts(crop, image_size), "size": [height, width]})
-        pixels = int(crop.mask.sum())
-        area[i] = pixels
-        if pixels:
-            rows, cols = np.nonzero(crop.mask)
-            mask_box[i] = (
-                crop.x0 + cols.min(),
-                crop.y0 + rows.min(),
-                crop.x0 + cols.max() + 1,
-                crop.y0 + rows.max() + 1,
-            )
-            centroid[i] = (crop.x0 + cols.mean() + 0.5, crop.y0 + rows.mean() + 0.5)
-        geometry = polygon_from_crop(crop)
-        perimeter[i] = geometry.length
-        polygons.append(shapely.to_wkb(geometry))
-    compressed = mask_utils.frPyObjects(uncompressed, height, width) if n else []
-    rle = [r["counts"].decode("ascii") for r in compressed]
-    return InstanceMasks(rle, area, mask_box, centroid, perimeter, polygons)
+    if len(runs.owner):
+        owners, first = np.unique(runs.owner, return_index=True)
+        mask_box[owners, 0] = np.minimum.reduceat(runs.column, first)
+        mask_box[owners, 1] = np.minimum.reduceat(runs.row, first)
+        mask_box[owners, 2] = np.maximum.reduceat(runs.column, first) + 1
+        mask_box[owners, 3] = np.maximum.reduceat(runs.row + runs.length, first)
+        # Pixel centres: a run's rows r .. r + length - 1 have mean r + (length - 1) / 2.
+        sum_x = np.bincount(runs.owner, weights=runs.length * (runs.column + 0.5), minlength=n)
+        sum_y = np.bincount(runs.owner, weights=runs.length * (runs.row + runs.length / 2), minlength=n)
+        centroid[owners, 0] = sum_x[owners] / area[owners]
+        centroid[owners, 1] = sum_y[owners] / area[owners]
+    return area.astype(np.int64), mask_box, centroid
+
+
+def pixel_edge_grid(canvas: np.ndarray) -> np.ndarray:
+    """The closed pixel squares of a uint8 (R, C) mask on a half-pixel grid, uint8 (2R + 1, 2C + 1).
+
+    Cell (2r + 1, 2c + 1) is pixel (r, c); the cells between (even row or
+    column) are the pixels' edges and corners, set where any pixel they bound
+    is set. Cell (a, b) sits at (b / 2, a / 2) in the mask's coordinates, so
+    contours traced through cell centres run along pixel edges.
+    """
+    rows, cols = canvas.shape
+    padded = np.zeros((rows + 2, cols + 2), np.uint8)
+    padded[1:-1, 1:-1] = canvas
+    vertical_edges = padded[:, :-1] | padded[:, 1:]
+    grid = np.empty((2 * rows + 1, 2 * cols + 1), np.uint8)
+    grid[1::2, 1::2] = canvas
+    grid[1::2, 0::2] = vertical_edges[1:-1]
+    grid[0::2, 1::2] = padded[:-1, 1:-1] | padded[1:, 1:-1]
+    grid[0::2, 0::2] = vertical_edges[:-1] | vertical_edges[1:]
+    return grid
+
+
+def polygons(atlas: CropAtlas) -> np.ndarray:
+    """A valid Polygon or MultiPolygon per crop (object (N,)), in image coordinates.
+
+    OpenCV traces (``RETR_CCOMP``: outer boundaries and their holes) the
+    :func:`pixel_edge_grid` of the atlas, so outlines run along pixel edges: a
+    pixel becomes a unit square, thin structures keep their width, the polygon
+    contains exactly the mask's pixel centres, and its area is the pixel count
+    plus 1/8 px^2 per corner that the tracer cuts diagonally (concave corners
+    of an outline, convex corners of a hole; pixels that touch only at a
+    corner join through a 0.7 px neck). An empty crop gets an empty Polygon.
+    """
+    n = len(atlas.x0)
+    result = np.full(n, Polygon(), object)
+    grid = pixel_edge_grid(atlas.canvas)
+    contours, hierarchy = cv2.findContours(grid, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return result
+    lengths = np.array([len(c) for c in contours])
+    points = np.concatenate(contours)[:, 0, :]
+    first = np.cumsum(lengths) - lengths
+    contour_owner = atlas.owner(points[first, 1] // 2, points[first, 0] // 2)
+    image_x, image_y = atlas.to_image(points[:, 1] / 2, points[:, 0] / 2, np.repeat(contour_owner, lengths))
+    rings = shapely.linearrings(
+        np.stack([image_x, image_y], axis=1), indices=np.repeat(np.arange(len(contours)), lengths)
+    )
+    # One polygon per outer boundary: its ring as the shell, then its holes' rings.
+    parent = hierarchy[0, :, 3]
+    outer = parent == -1
+    shell = np.where(outer, np.arange(len(contours)), parent)
+    order = np.lexsort((~outer, shell))
+    shells, polygon_index = np.unique(shell[order], return_inverse=True)
+    shapes = shapely.polygons(rings[order], indices=polygon_index)
+
+    # Group each crop's polygons (one per outer boundary) into one geometry.
+    shape_owner = contour_owner[shells]
+    order = np.argsort(shape_owner, kind="stable")
+    shapes, shape_owner = shapes[order], shape_owner[order]
+    single = np.bincount(shape_owner, minlength=n)[shape_owner] == 1
+    result[shape_owner[single]] = shapes[single]
+    if not single.all():
+        owners, dense = np.unique(shape_owner[~single], return_inverse=True)
+        result[owners] = shapely.multipolygons(shapes[~single], indices=dense)
+    return repaired(result)
+
+
+def repaired(geometries: np.ndarray) -> np.ndarray:
+    """``geometries`` (object (N,)) with each invalid one replaced by its polygonal ``make_valid``.
+
+    Outlines traced on the pixel-edge grid come out valid: the grid has no
+    one-cell-wide necks, so rings never touch themselves, holes lie strictly
+    inside their shell and separate parts are half a pixel apart (no invalid
+    case in 40,000 random noisy crops). This guard keeps the output contract
+    (valid Polygon or MultiPolygon) should a case ever slip through.
+    """
+    invalid = ~shapely.is_valid(geometries)
+    if invalid.any():
+        geometries = geometries.copy()
+        broken = geometries[invalid]
+        geometries[invalid] = shapely.make_valid(broken, method="structure", keep_collapsed=False)
+    return geometries
+
+
+def encode_crops(crops: list[Crop], image_size: tuple[int, int]) -> InstanceMasks:
+    """:class:`InstanceMasks` of already pasted and thresholded crops, all at once."""
+    atlas = CropAtlas.pack(crops)
+    runs = ColumnRuns.of(atlas)
+    area, mask_box, centroid = measure(runs, len(crops))
+    geometries = polygons(atlas)
+    return InstanceMasks(
+        rle_strings(runs, len(crops), image_size),
+        area,
+        mask_box,
+        centroid,
+        shapely.length(geometries).astype(np.float64),
+        list(shapely.to_wkb(geometries)),
+    )

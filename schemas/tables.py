@@ -99,7 +99,8 @@ INSTANCES = _schema(
         _field(
             "polygon",
             pa.binary(),
-            "WKB Polygon/MultiPolygon on pixel edges, image coordinates; its area approximates `area`",
+            "WKB Polygon/MultiPolygon along pixel edges, image coordinates; holds exactly the mask's "
+            "pixel centres; its area is `area` plus 1/8 px^2 per corner cut diagonally",
         ),
     ],
 )

@@ -15,7 +15,13 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from pipeline import masks
-from pipeline.masks import Crop, InstanceMasks, encode, paste, paste_batched, polygon_from_crop
+from pipeline.masks import Crop, InstanceMasks, encode, paste, paste_batched
+
+
+def polygon_of(crop: Crop):
+    """The polygon :func:`masks.encode_crops` stores for one crop, as a shapely geometry."""
+    h, w = crop.mask.shape
+    return shapely.from_wkb(masks.encode_crops([crop], (crop.y0 + h, crop.x0 + w)).polygon[0])
 
 
 def reference_mask(probs, boxes, i, size, threshold):
@@ -177,44 +183,103 @@ def rasterize(geometry, size) -> np.ndarray:
     return shapely.contains_xy(geometry, xs.ravel(), ys.ravel()).reshape(size)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 2**31 - 1))
-def test_polygons_are_valid_and_cover_the_mask(seed):
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.05, 0.3]))
+def test_polygons_are_valid_and_hold_exactly_the_mask_pixels(seed, noise):
+    """Valid outlines on pixel edges: rasterised back (pixel centres) they give the mask itself.
+
+    The issue asks IoU >= 0.9 for objects of 50 px or more; outlines along
+    pixel edges give IoU 1 at every size, noisy masks and diagonal contacts included.
+    """
     rng = np.random.default_rng(seed)
     size = (80, 90)
     mask = np.zeros(size, np.uint8)
     for _ in range(rng.integers(1, 4)):
         centre = (int(rng.integers(10, 80)), int(rng.integers(10, 70)))
-        axes = (int(rng.integers(2, 14)), int(rng.integers(2, 14)))
+        axes = (int(rng.integers(1, 14)), int(rng.integers(1, 14)))
         cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-    mask = mask.astype(bool)
-    geometry = polygon_from_crop(Crop(mask, 0, 0))
+    mask = mask.astype(bool) ^ (rng.random(size) < noise)
+    geometry = polygon_of(Crop(mask, 0, 0))
     assert geometry.is_valid
     assert geometry.geom_type in ("Polygon", "MultiPolygon")
-    raster = rasterize(geometry, size)
-    iou = (raster & mask).sum() / (raster | mask).sum()
-    if mask.sum() >= 50:
-        assert iou >= 0.9, iou
+    assert np.array_equal(rasterize(geometry, size), mask)
+    # Area: the pixel count plus 1/8 px^2 for each corner the tracer cuts diagonally.
+    excess_eighths = (geometry.area - mask.sum()) * 8
+    assert excess_eighths == round(excess_eighths)
+    assert 0 <= excess_eighths <= shapely.get_num_coordinates(geometry)
+
+
+@st.composite
+def crop_lists(draw):
+    """Up to 12 random crops (some empty or zero-sized, some full-height) inside one small image."""
+    height, width = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    crops = []
+    for _ in range(draw(st.integers(0, 12))):
+        h = draw(st.sampled_from([0, 1, height, draw(st.integers(1, height))]))
+        w = draw(st.sampled_from([0, 1, width, draw(st.integers(1, width))]))
+        mask = rng.random((h, w)) < draw(st.sampled_from([0.0, 0.3, 0.8, 1.0]))
+        x0 = int(rng.integers(0, width - w + 1)) if w else 0
+        y0 = int(rng.integers(0, height - h + 1)) if h else 0
+        crops.append(Crop(mask if h and w else np.zeros((0, 0), bool), x0, y0))
+    return crops, (height, width)
+
+
+@settings(max_examples=400, deadline=None)
+@given(crop_lists())
+def test_crops_encoded_together_equal_references_and_each_alone(case):
+    """Packing an image's crops into one atlas changes nothing: RLE and measurements
+    match pycocotools and NumPy on full masks, polygons match the crop encoded alone."""
+    crops, size = case
+    together = masks.encode_crops(crops, size)
+    assert len(together) == len(crops)
+    for i, crop in enumerate(crops):
+        full = full_mask(crop, size)
+        expected = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))
+        assert together.rle[i] == expected["counts"].decode("ascii")
+        assert together.area[i] == full.sum()
+        if full.any():
+            rows, cols = np.nonzero(full)
+            box = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+            assert together.mask_box[i].tolist() == box
+            np.testing.assert_allclose(together.centroid[i], [cols.mean() + 0.5, rows.mean() + 0.5])
+        else:
+            assert together.mask_box[i].tolist() == [0, 0, 0, 0]
+            assert np.isnan(together.centroid[i]).all()
+        alone = masks.encode_crops([crop], size)
+        assert together.polygon[i] == alone.polygon[0]
+        assert together.perimeter[i] == alone.perimeter[0]
+
+
+def test_repair_makes_invalid_geometries_valid_and_leaves_valid_ones_alone():
+    square = shapely.box(0, 0, 2, 2)
+    bow_tie = shapely.Polygon([(0, 0), (2, 2), (2, 0), (0, 2)])
+    overlapping = shapely.MultiPolygon([square, shapely.box(1, 1, 3, 3)])
+    fixed = masks.repaired(np.array([square, bow_tie, overlapping], object))
+    assert fixed[0] is square
+    assert shapely.is_valid(fixed).all()
+    assert [g.geom_type for g in fixed] == ["Polygon", "MultiPolygon", "Polygon"]
+    assert fixed[1].area == pytest.approx(2) and fixed[2].area == pytest.approx(7)
 
 
 def test_ring_keeps_its_hole_and_offsets_apply():
     mask = np.zeros((30, 30), np.uint8)
     cv2.circle(mask, (15, 15), 12, 1, -1)
     cv2.circle(mask, (15, 15), 5, 0, -1)
-    geometry = polygon_from_crop(Crop(mask.astype(bool), x0=100, y0=200))
+    geometry = polygon_of(Crop(mask.astype(bool), x0=100, y0=200))
     assert geometry.geom_type == "Polygon"
     assert len(geometry.interiors) == 1
     assert geometry.contains(shapely.Point(115.5, 208.5))
     assert not geometry.contains(shapely.Point(115.5, 215.5))
-    assert abs(geometry.area - mask.sum()) / mask.sum() < 0.1
+    assert abs(geometry.area - mask.sum()) / mask.sum() < 0.02
 
 
 def test_single_pixel_and_separate_parts():
-    single = polygon_from_crop(Crop(np.ones((1, 1), bool), x0=4, y0=7))
+    single = polygon_of(Crop(np.ones((1, 1), bool), x0=4, y0=7))
     assert single.equals(shapely.box(4, 7, 5, 8))
     parts = np.zeros((5, 9), bool)
     parts[1:3, 1:3] = parts[2:4, 6:8] = True
-    geometry = polygon_from_crop(Crop(parts, 0, 0))
+    geometry = polygon_of(Crop(parts, 0, 0))
     assert geometry.geom_type == "MultiPolygon" and len(geometry.geoms) == 2
     assert geometry.area == pytest.approx(8)
 
