@@ -256,7 +256,8 @@ class CropAtlas:
     crops' column-major (COCO) runs, and one ``cv2.findContours`` over the
     canvas traces every crop exactly as it would trace the crop alone.
     Crops are placed on shelves, tallest first, so the canvas is about the
-    summed crop area, not the image's.
+    summed crop area (a crop much longer than the rest adds its length x the
+    canvas width), never the image's.
 
     Fields: canvas uint8 (rows, width); top, left, x0, y0 int64 (N,), the
     crop's place in the canvas and in the image; shelf_top int64 (S,), first

@@ -284,6 +284,15 @@ def test_single_pixel_and_separate_parts():
     assert geometry.area == pytest.approx(8)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_atlas_is_about_the_summed_crop_area(seed):
+    rng = np.random.default_rng(seed)
+    crops = [Crop(np.ones(rng.integers(1, 80, 2), bool), 0, 0) for _ in range(rng.integers(20, 300))]
+    cells = sum((c.mask.shape[0] + 1) * (c.mask.shape[1] + 1) for c in crops)
+    assert masks.CropAtlas.pack(crops).canvas.size <= 2 * cells
+
+
 def test_work_is_box_local_on_a_huge_image():
     """50 cell-sized instances on a 60000 x 60000 image: no allocation near image size."""
     rng = np.random.default_rng(0)
