@@ -2,6 +2,7 @@
 
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
+python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR] [--json]
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from pathlib import Path
 
+import pandas as pd
 import torch
 
 from jobs._cli import ArgumentParser
-from pipeline.bench import MASK_CASES, bench_masks, bench_pipeline
+from pipeline.bench import MASK_CASES, bench_masks, bench_pipeline, bench_robustness
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +40,23 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-factor", type=int, default=10, help="the memory run uses this many times N images"
     )
     pipe.add_argument("--json", action="store_true", help="one JSON object")
+    robust = sub.add_parser(
+        "robustness", help="the model and an Otsu baseline on held-out, shifted and real archives"
+    )
+    robust.add_argument("--model", help="checkpoint or torchvision:NAME (default: the bundled model)")
+    robust.add_argument("--slides", type=int, default=4)
+    robust.add_argument("--tiles-per-slide", type=int, default=16)
+    robust.add_argument("--size", type=int, default=256, help="tile side in px")
+    robust.add_argument("--seed", type=int, default=0, help="archive seed (training used 100)")
+    robust.add_argument("--real", type=Path, help="folder of real images with *_labels.* label images beside")
+    robust.add_argument("--json", action="store_true", help="one JSON object per archive")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     if args.name == "pipeline":
         return _pipeline(parser, args)
+    if args.name == "robustness":
+        return _robustness(parser, args)
     cases = MASK_CASES
     if args.cases:
         try:
@@ -59,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {args.device}"
     )
-    print(f"{'image':>9} {'instances':>9} {'reference s':>12} {'pipeline s':>11} {'speedup':>8}")
+    print(
+        f"{'image':>9} {'instances':>9} {'reference s':>12} {'pipeline s':>11} {'speedup':>8} "
+        f"{'features s':>11} {'growth':>7}"
+    )
     for r in results:
         print(
             f"{r['size']:>7}^2 {r['instances']:>9} {r['reference_s']:>12.4f} {r['pipeline_s']:>11.4f} "
-            f"{r['speedup']:>7.1f}x"
+            f"{r['speedup']:>7.1f}x {r['features_s']:>11.4f} {r['feature_growth']:>6.0%}"
         )
     return 0
 
@@ -87,6 +105,29 @@ def _pipeline(parser, args) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.device}")
     for key, value in result.items():
         print(f"{key:>24}: {value}")
+    return 0
+
+
+def _robustness(parser, args) -> int:
+    for name in ("slides", "tiles_per_slide", "size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.real is not None and not args.real.is_dir():
+        parser.error(f"--real {args.real} is not a folder")
+    rows = bench_robustness(
+        model=args.model,
+        slides=args.slides,
+        tiles_per_slide=args.tiles_per_slide,
+        size=args.size,
+        seed=args.seed,
+        real=args.real,
+    )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
 

@@ -1,6 +1,7 @@
 """QC pictures: one tile or a slide's contact sheet with instances drawn; a per-class area histogram.
 
-python -m jobs.render DEST (--image URI | --slide S) --output qc.png [--labels] [--histogram hist.png]
+python -m jobs.render DEST (--image URI | --slide S) --output qc.png [--labels]
+    [--histogram hist.png [--feature area|solidity|intensity_mean[DAPI]|...]]
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import cv2
 
 from jobs._cli import ArgumentParser, fail_usage
 from pipeline import storage
-from pipeline.render import area_histogram, contact_sheet, render_image
+from pipeline.render import contact_sheet, feature_histogram, render_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         "--labels", action="store_true", help="write class initial and score on each instance"
     )
     parser.add_argument("--max-tiles", type=int, default=64, help="--slide: tiles in the sheet (default 64)")
-    parser.add_argument("--histogram", help="--slide: also write the per-class area histogram PNG here")
+    parser.add_argument("--histogram", help="--slide: also write a per-class histogram PNG here")
+    parser.add_argument(
+        "--feature",
+        default="area",
+        help="--histogram: the instance feature to plot (default area; e.g. solidity, intensity_mean[0])",
+    )
     args = parser.parse_args(argv)
     if not args.output.lower().endswith(".png"):
         parser.error("--output must end in .png")
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             picture = contact_sheet(args.dest, args.slide, labels=args.labels, max_tiles=args.max_tiles)
             if args.histogram:
-                area_histogram(args.dest, args.slide, args.histogram)
+                feature_histogram(args.dest, args.slide, args.histogram, feature=args.feature)
     except (OSError, ValueError) as exc:
         return fail_usage(parser.prog, str(exc))
     if not cv2.imwrite(args.output, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):

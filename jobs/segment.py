@@ -17,6 +17,7 @@ from jobs._cli import ArgumentParser, fail_usage
 from pipeline import lock, segment, storage
 from pipeline.model import ModelLoadError
 from pipeline.plan import PlanError
+from pipeline.preprocess import parse_channel
 
 
 def _parser() -> ArgumentParser:
@@ -43,6 +44,17 @@ def _parser() -> ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="give each pixel to the highest-scoring instance only "
         f"(default {'on' if segment.DEFAULT_EXCLUSIVE_PIXELS else 'off'})",
+    )
+    model.add_argument(
+        "--channel",
+        help="input channel the model sees: an index, a name (red, green, blue, gray, c0..., or an "
+        "OME-TIFF channel name), max or rgb (default: the model card's; the bundled model's is max)",
+    )
+    model.add_argument(
+        "--pixel-size-um",
+        type=float,
+        help="µm per pixel of every image, for the *_um columns (default: each file's own metadata, "
+        "OME-TIFF or TIFF resolution; else unknown)",
     )
     plan = parser.add_argument_group("plan (pinned in run.json)")
     plan.add_argument("--shard-size", type=int, help="images per shard (default 256)")
@@ -97,6 +109,8 @@ def _check(parser: ArgumentParser, args) -> None:
     for flag, value in fractions.items():
         if value is not None and not 0 <= value <= 1:
             parser.error(f"{flag} must be in [0, 1], got {value}")
+    if args.pixel_size_um is not None and not args.pixel_size_um > 0:
+        parser.error(f"--pixel-size-um must be > 0, got {args.pixel_size_um}")
     if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
         parser.error("--gpus-per-replica must be >= 0")
 
@@ -130,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_pixels": args.max_pixels,
         "overlap_threshold": args.overlap_suppression,
         "exclusive_pixels": args.exclusive_pixels,
+        "channel": parse_channel(args.channel) if args.channel is not None else None,
+        "pixel_size_um": args.pixel_size_um,
     }
     execution = segment.ExecutionSettings(
         address=args.address,

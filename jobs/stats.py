@@ -1,6 +1,7 @@
 """Per-slide (or per-image) instance statistics of a run.
 
-python -m jobs.stats DEST [--by slide|image] [--class NAME] [--pixel-size-um X] [--output FILE.csv|.parquet]
+python -m jobs.stats DEST [--by slide|image] [--class NAME] [--pixel-size-um X] [--features COL,...]
+    [--output FILE.csv|.parquet]
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pixel-size-um", type=float, help="pixel size in micrometres: areas in um^2, density per mm^2"
     )
+    parser.add_argument(
+        "--features",
+        help="also mean and median of these instance columns, comma-separated: solidity, "
+        "axis_major_length, intensity_mean (one column per channel) or intensity_mean[DAPI]...",
+    )
     parser.add_argument("--output", help="write the table to FILE.csv or FILE.parquet instead of printing it")
     args = parser.parse_args(argv)
     if args.pixel_size_um is not None and args.pixel_size_um <= 0:
@@ -31,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     if not storage.exists(storage.join(args.dest, "run.json")):
         return fail_usage(parser.prog, f"no run at {storage.redact(args.dest)} (run.json not found)")
     try:
-        table = per_slide(args.dest, by=args.by, class_name=args.class_name, pixel_size_um=args.pixel_size_um)
+        table = per_slide(
+            args.dest,
+            by=args.by,
+            class_name=args.class_name,
+            pixel_size_um=args.pixel_size_um,
+            features=[f.strip() for f in args.features.split(",") if f.strip()] if args.features else None,
+        )
     except ValueError as exc:
         return fail_usage(parser.prog, str(exc))
     if args.output:
@@ -51,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         "display.float_format",
         "{:.1f}".format,
     ):
-        print(table.to_string(index=False, formatters={"score_mean": "{:.3f}".format}))
+        precise = {
+            c: "{:.3f}".format
+            for c in table.columns
+            if c == "score_mean" or (c.endswith(("_mean", "_median")) and not c.startswith("area"))
+        }
+        print(table.to_string(index=False, formatters=precise))
     return 0
 
 

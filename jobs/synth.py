@@ -1,6 +1,6 @@
 """Write a synthetic nuclei archive with COCO ground truth.
 
-python -m jobs.synth DEST --slides 4 --tiles-per-slide 16 --size 256 --seed 0
+python -m jobs.synth DEST --slides 4 --tiles-per-slide 16 --size 256 --seed 0 [--shift NAME]
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import ArgumentParser
-from pipeline.synth import write_archive
+from pipeline.synth import SHIFTS, TRAINING, write_archive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,12 +18,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles-per-slide", type=int, default=16)
     parser.add_argument("--size", type=int, default=256, help="tile side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shift",
+        choices=sorted(SHIFTS),
+        help="draw tiles from ranges outside the training ones (robustness archives; default: training)",
+    )
     args = parser.parse_args(argv)
     for name in ("slides", "tiles_per_slide", "size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     path = write_archive(
-        args.dest, slides=args.slides, tiles_per_slide=args.tiles_per_slide, size=args.size, seed=args.seed
+        args.dest,
+        slides=args.slides,
+        tiles_per_slide=args.tiles_per_slide,
+        size=args.size,
+        seed=args.seed,
+        look=SHIFTS[args.shift] if args.shift else TRAINING,
     )
     print(f"wrote {args.slides * args.tiles_per_slide} tiles and {path}")
     return 0

@@ -12,6 +12,7 @@ import torch
 
 from jobs._cli import ArgumentParser, fail_usage
 from pipeline.model import ARCHITECTURES, ModelLoadError
+from pipeline.preprocess import parse_channel
 from pipeline.train import TrainConfig, train
 
 
@@ -35,6 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--half", action="store_true", help="store weights as fp16 (halves the file)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--channel",
+        default="max",
+        help="input channel the model is trained on and its card records: max (default), rgb, "
+        "an index or a name",
+    )
+    parser.add_argument(
+        "--normalize",
+        default="percentile",
+        choices=["percentile", "range"],
+        help="percentile (1 / 99.8 with a noise floor; default) or range (value / the type's range)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
@@ -56,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every,
         half=args.half,
         name=args.name,
+        channel=parse_channel(args.channel),
+        normalize=args.normalize,
     )
     try:
         summary = train(config)

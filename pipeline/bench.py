@@ -9,11 +9,17 @@ RLE strings.
 (the ceiling) against the whole segment job on the same images, same batch
 size, device and precision; plus time to the first committed shard and the
 peak memory of the driver and every Ray process for N and 10 x N images.
+
+``robustness``: the segment job and an Otsu + connected-components baseline
+scored side by side on a held-out in-distribution archive, on each shifted
+archive (:data:`pipeline.synth.SHIFTS`) and, where given, on a folder of real
+images with label images.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import subprocess
@@ -31,8 +37,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from pipeline import masks, segment, synth
-from pipeline.decode import read_and_decode
+from pipeline import evaluate, features, masks, segment, synth
 from pipeline.infer import detect
 from pipeline.model import resolve_model
 from pipeline.worker import InferenceSettings, ShardProcessor
@@ -85,23 +90,46 @@ def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def feature_seconds(probs, boxes, image_size, threshold: float, pixels: np.ndarray, repeats: int) -> float:
+    """Best-of seconds of the shape and intensity features alone, on the crops ``encode`` makes."""
+    crops = masks.paste_on_device(probs, boxes, image_size, threshold)
+    atlas = masks.CropAtlas.pack(crops)
+    runs = masks.ColumnRuns.of(atlas)
+    n = len(crops)
+    area = masks.measure(runs, n)[0]
+    origin = np.stack([atlas.x0, atlas.y0], axis=1)
+
+    def run():
+        features.shape_features(runs, atlas, n, origin, area)
+        features.intensity_features(runs, n, pixels)
+
+    return _best_of(run, repeats)[0]
+
+
 def bench_masks(
     cases=MASK_CASES, *, device: str = "cpu", threshold: float = 0.5, repeats: int = 3
 ) -> list[dict[str, float]]:
     """Time per image of the reference and of :func:`pipeline.masks.encode` for each case.
 
-    Raises AssertionError if any RLE string differs between the two.
+    The pipeline encodes with the intensity features on a two-channel 16-bit
+    image (what the segment job does); ``features_s`` times the shape and
+    intensity features alone on the same masks, and ``feature_growth`` is
+    what they add to the rest of the encoding (``features_s / (pipeline_s -
+    features_s)``). Raises AssertionError if any RLE string differs between
+    the reference and the pipeline.
     """
     results = []
     for size, count in cases:
         probs, boxes = synthetic_detections(size, count, device=device)
         image_size = (size, size)
+        pixels = np.random.default_rng(size).integers(0, 4096, (size, size, 2)).astype(np.uint16)
         args = (probs, boxes, image_size, threshold)
         reference_s, reference = _best_of(partial(reference_encode, *args), max(1, repeats // 3))
-        pipeline_s, ours = _best_of(partial(masks.encode, *args), repeats)
-        if reference != ours.rle:
-            differing = sum(a != b for a, b in zip(reference, ours.rle, strict=True))
+        pipeline_s, ours = _best_of(partial(masks.encode, *args, pixels), repeats)
+        if reference != ours["rle"]:
+            differing = sum(a != b for a, b in zip(reference, ours["rle"], strict=True))
             raise AssertionError(f"{differing} of {count} RLE strings differ at {size}^2")
+        features_s = feature_seconds(*args, pixels, repeats)
         results.append(
             {
                 "size": size,
@@ -110,6 +138,8 @@ def bench_masks(
                 "reference_s": round(reference_s, 4),
                 "pipeline_s": round(pipeline_s, 4),
                 "speedup": round(reference_s / pipeline_s, 1),
+                "features_s": round(features_s, 4),
+                "feature_growth": round(features_s / max(pipeline_s - features_s, 1e-9), 3),
             }
         )
     return results
@@ -195,7 +225,7 @@ def make_archive(dest: Path, images: int, size: int, tiles_per_slide: int = 16) 
     """A synthetic archive of exactly ``images`` tiles of ``size`` px (no annotations needed)."""
     slides = -(-images // tiles_per_slide)
     synth.write_archive(dest, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=7)
-    for path in sorted(dest.rglob("*.png"))[images:]:
+    for path in synth.tile_paths(dest)[images:]:
         path.unlink()
     return dest
 
@@ -215,11 +245,12 @@ def bare_forward_images_per_s(
         max_detections=loaded.card.max_detections,
         batch_size=batch_size,
         max_pixels=segment.DEFAULT_MAX_PIXELS,
+        preprocessing=loaded.card.preprocessing,
     )
     processor = ShardProcessor(
         loaded.card, loaded.module.state_dict(), settings, device=device, threads=threads
     )
-    arrays = [read_and_decode(str(p), max_pixels=segment.DEFAULT_MAX_PIXELS) for p in image_paths]
+    arrays = [processor.prepare(str(p))[1] for p in image_paths]
     batches = [processor.to_device(arrays[i : i + batch_size]) for i in range(0, len(arrays), batch_size)]
     detect(processor.model, batches[0], autocast=processor.autocast)
 
@@ -294,11 +325,11 @@ def bench_pipeline(
     try:
         large = make_archive(root / "archive-large", images * memory_factor, size)
         small = root / "archive"
-        for path in sorted(large.rglob("*.png"))[:images]:
+        for path in synth.tile_paths(large)[:images]:
             target = small / path.relative_to(large)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(path, target)
-        paths = sorted(small.rglob("*.png"))
+        paths = synth.tile_paths(small)
         first_commit = first_commit_seconds(small, root / "first", model=model, shard_size=shard_size)
 
         start = time.perf_counter()
@@ -340,6 +371,78 @@ def bench_pipeline(
             f"peak_rss_by_role_{memory_factor}x": memory_large.peak_by_role,
             "stage_s_per_image": per_image,
         }
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if own_tmp:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_robustness(
+    *,
+    model: str | None = None,
+    slides: int = 4,
+    tiles_per_slide: int = 16,
+    size: int = 256,
+    seed: int = 0,
+    real: Path | None = None,
+    workdir: Path | None = None,
+) -> list[dict[str, object]]:
+    """Segment and score the in-distribution archive, every shifted archive and ``real`` (if given).
+
+    Each archive is written with ``seed`` (the training archive's seed must
+    differ), segmented by the segment job with the default settings, and
+    scored by :func:`pipeline.evaluate.evaluate`. ``real`` is a folder of
+    images with ``*_labels.*`` instance label images beside them
+    (:func:`pipeline.evaluate.label_images_to_coco`).
+
+    Returns one dict per archive: ``archive``, ``images``, ``instances``,
+    ``truth`` (ground-truth instances), ``AP50``, ``AP`` (mask), ``count_mae``,
+    ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``.
+    """
+    import ray
+
+    own_tmp = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="segpipe-robust-")) if own_tmp else Path(workdir)
+    archives: list[tuple[str, Path, Path]] = []
+    try:
+        for name, look in [("in-distribution", synth.TRAINING), *synth.SHIFTS.items()]:
+            folder = root / name
+            coco = synth.write_archive(
+                folder, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=seed, look=look
+            )
+            archives.append((name, folder, coco))
+        if real is not None:
+            archives.append((f"real: {Path(real).name}", root / "real", None))
+        segment.connect_ray("local")
+        execution = segment.ExecutionSettings(replicas=1, progress=False)
+        rows = []
+        for name, folder, coco in archives:
+            if coco is None:
+                coco = evaluate.label_images_to_coco(real, folder)
+            dest = root / f"run-{folder.name}"
+            pinned, loaded = segment.start(str(dest), segment.PinnedSettings(source=str(folder), model=model))
+            report = segment.execute(str(dest), pinned, loaded, execution)
+            if report.failed or report.images_error:
+                raise RuntimeError(f"robustness run on {name} not clean: {segment.format_report(report)}")
+            scores, _ = evaluate.evaluate(str(dest), str(coco))
+            truth = len(json.loads(Path(coco).read_text())["annotations"])
+            rows.append(
+                {
+                    "archive": name,
+                    "images": int(scores["images"]),
+                    "instances": int(scores["instances"]),
+                    "truth": truth,
+                    "AP50": round(scores["agnostic.segm.AP50"], 3),
+                    "AP": round(scores["agnostic.segm.AP"], 3),
+                    "count_mae": round(scores["count.mae"], 2),
+                    "count_bias": round(scores["count.bias"], 2),
+                    "baseline_AP50": round(scores["baseline.segm.AP50"], 3),
+                    "baseline_AP": round(scores["baseline.segm.AP"], 3),
+                    "baseline_count_mae": round(scores["baseline.count.mae"], 2),
+                }
+            )
+        return rows
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -1,17 +1,21 @@
-"""Read and decode one image into RGB uint8, or say precisely why not.
+"""Read and decode one image into its raw pixels (native bit depth, channels as stored), or say why not.
 
-We read bytes and decode ourselves (Pillow) rather than use Ray Data's
-``read_images``, which keeps one channel of multichannel TIFFs.
+We read bytes and decode ourselves rather than use Ray Data's
+``read_images``, which keeps one channel of multichannel TIFFs. The pixels
+keep the file's own values: 8-bit stays uint8, 12- and 16-bit stay uint16,
+floats stay float. Turning them into the model's input is the model card's
+business (:mod:`pipeline.preprocess`); measurements use the raw values.
 
 Conversion policy (documented in the README):
 
-* orientation: EXIF orientation is applied (a rotated JPEG comes out upright);
-* multi-page files (TIFF): the first page;
-* grayscale and palette images are expanded to RGB; alpha is dropped; CMYK is
-  converted to RGB;
-* 16-bit and 32-bit integer images are scaled by their type's full range
-  (value / 65535 for 16-bit) to 8 bits; float images are taken as [0, 1] and
-  clipped.
+* TIFF (tifffile, with imagecodecs for compressed files): the first series;
+  of a stack (time, z, ...) the first plane, all channels (``C`` and samples);
+  OME-TIFF channel names are kept; integers and floats as stored (float64 to float32);
+* other formats (Pillow): EXIF orientation applied (a rotated JPEG comes out
+  upright); first frame; grey stays one channel (8- or 16-bit); palette and
+  CMYK become RGB; alpha is dropped;
+* the pixel count is checked against ``max_pixels`` from the header, before
+  any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -21,9 +25,34 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import tifffile
 from PIL import Image, ImageOps
 
 from pipeline import storage
+from pipeline.preprocess import default_channel_names
+
+PLAUSIBLE_PIXEL_SIZE_UM = (0.01, 50.0)
+"""A pixel size from file metadata outside this range (µm) is ignored (TIFF defaults, wrong units)."""
+_UNIT_TO_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "\\u00B5m": 1.0, "mm": 1e3, "cm": 1e4}
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """A decoded image.
+
+    pixels: (H, W, C) in the file's own type; channel_names: length C;
+    pixel_size_um: the file's own pixel size in µm (OME-TIFF PhysicalSizeX,
+    ImageJ or centimetre TIFF resolution), None when it states none.
+    """
+
+    pixels: np.ndarray
+    channel_names: tuple[str, ...]
+    pixel_size_um: float | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.pixels.shape[0], self.pixels.shape[1]
 
 
 @dataclass(frozen=True)
@@ -43,18 +72,106 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     return storage.redact(text)[:limit]
 
 
-def _to_rgb8(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image)
-        full_range = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else 2**31 - 1
-        gray = np.clip(array.astype(np.float64) / full_range, 0, 1)
-        return np.repeat((gray * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+def _pillow_pixels(image: Image.Image) -> RawImage:
+    """Pixels of a Pillow image in its own bit depth; grey stays one channel, colour becomes RGB."""
+    if image.mode in ("1", "L", "LA"):
+        return RawImage(np.asarray(image.convert("L"))[..., None], ("gray",))
+    if image.mode.startswith("I;16"):
+        return RawImage(np.asarray(image).astype(np.uint16)[..., None], ("gray",))
+    if image.mode == "I":
+        values = np.asarray(image)
+        if values.min(initial=0) >= 0 and values.max(initial=0) <= 65535:
+            return RawImage(values.astype(np.uint16)[..., None], ("gray",))
+        return RawImage(values.astype(np.float32)[..., None], ("gray",))
     if image.mode == "F":
-        gray = np.clip(np.nan_to_num(np.asarray(image, np.float64)), 0, 1)
-        return np.repeat((gray * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+        return RawImage(np.asarray(image, np.float32)[..., None], ("gray",))
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image)
+    return RawImage(np.asarray(image), default_channel_names(3, rgb=True))
+
+
+def _ome_channel_names(tif: tifffile.TiffFile, count: int) -> tuple[str, ...] | None:
+    """Channel names from OME-XML when it names exactly ``count`` channels, else None."""
+    if not tif.is_ome:
+        return None
+    try:
+        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        image = image[0] if isinstance(image, list) else image
+        channels = image["Pixels"]["Channel"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    channels = channels if isinstance(channels, list) else [channels]
+    names = tuple(str(c.get("Name") or f"c{i}") for i, c in enumerate(channels))
+    return names if len(names) == count else None
+
+
+def _plausible(pixel_size_um: float | None) -> float | None:
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    return pixel_size_um if pixel_size_um is not None and low <= pixel_size_um <= high else None
+
+
+def _tiff_pixel_size_um(tif: tifffile.TiffFile) -> float | None:
+    """Pixel size (µm) from OME PhysicalSizeX, ImageJ's unit and resolution, or a centimetre resolution."""
+    if tif.is_ome:
+        try:
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+            pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+            size = float(pixels["PhysicalSizeX"])
+            return _plausible(
+                size * _UNIT_TO_UM.get(str(pixels.get("PhysicalSizeXUnit", "µm")), float("nan"))
+            )
+        except (KeyError, TypeError, ValueError):
+            pass
+    tags = tif.pages.first.tags
+    if "XResolution" not in tags:
+        return None
+    numerator, denominator = tags["XResolution"].value
+    if not numerator:
+        return None
+    per_pixel = denominator / numerator  # units per pixel
+    unit = (tif.imagej_metadata or {}).get("unit") if tif.is_imagej else None
+    if unit in _UNIT_TO_UM:
+        return _plausible(per_pixel * _UNIT_TO_UM[unit])
+    if "ResolutionUnit" in tags and tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER:
+        return _plausible(per_pixel * 1e4)
+    return None
+
+
+def _tiff_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError:
+    """First plane (all channels) of the first series of a TIFF."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        if not tif.series:
+            return DecodeError("unsupported", "a TIFF file with no image series")
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+        sizes = dict(zip(axes, shape, strict=True))
+        height, width = sizes.get("Y", 0), sizes.get("X", 0)
+        if height * width > max_pixels:
+            return DecodeError("too_large", f"{width}x{height} px exceeds --max-pixels {max_pixels}")
+        if height == 0 or width == 0 or 0 in shape:
+            return DecodeError("unsupported", f"zero-sized image ({width}x{height})")
+        # Pages hold the planes of the leading axes in C order: keep every channel, the first of the rest.
+        page_axes = [a for a in axes if a not in "YXS"]
+        page_shape = [sizes[a] for a in page_axes]
+        keep = [np.arange(sizes[a]) if a == "C" else np.zeros(1, int) for a in page_axes]
+        grid = np.meshgrid(*keep, indexing="ij") if keep else []
+        pages = np.ravel_multi_index([g.ravel() for g in grid], page_shape) if keep else np.zeros(1, int)
+        planes = tif.asarray(key=[int(p) for p in pages], series=0) if keep else series.asarray()
+        planes = planes.reshape(len(pages), *[sizes[a] for a in axes if a in "YXS"])
+        inner = [a for a in axes if a in "YXS"]
+        # Samples per pixel (contiguous YXS or planar SYX) become the last axis.
+        planes = np.moveaxis(planes, 1 + inner.index("S"), -1) if "S" in inner else planes[..., None]
+        pixels = np.moveaxis(planes, 0, 2).reshape(height, width, -1)
+        photometric = tif.pages.first.photometric
+        rgb = photometric == tifffile.PHOTOMETRIC.RGB and pixels.shape[2] in (3, 4)
+        if rgb and pixels.shape[2] == 4:
+            pixels = pixels[..., :3]  # alpha
+        if pixels.dtype == np.float64:
+            pixels = pixels.astype(np.float32)
+        elif pixels.dtype == bool:
+            pixels = pixels.astype(np.uint8) * 255
+        names = _ome_channel_names(tif, pixels.shape[2]) or default_channel_names(pixels.shape[2], rgb=rgb)
+        return RawImage(np.ascontiguousarray(pixels), names, _tiff_pixel_size_um(tif))
 
 
 _SIGNATURES = (
@@ -74,12 +191,22 @@ def sniff_format(data: bytes) -> str | None:
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray | DecodeError:
-    """Decode image bytes to uint8 (H, W, 3) RGB, or a :class:`DecodeError`.
+def decode_image(data: bytes, *, max_pixels: int) -> RawImage | DecodeError:
+    """Decode image bytes to a :class:`RawImage` (native bit depth), or a :class:`DecodeError`.
 
     The pixel count is checked against ``max_pixels`` from the header, before
     any pixel is decoded (decompression bombs never allocate).
     """
+    if sniff_format(data) == "TIFF":
+        try:
+            return _tiff_pixels(data, max_pixels)
+        except tifffile.TiffFileError as exc:
+            return DecodeError("decode", one_line(exc))
+        except (ValueError, NotImplementedError) as exc:
+            # Codecs tifffile lacks, layouts it cannot map to an image.
+            return DecodeError("unsupported", one_line(exc))
+        except (OSError, EOFError, IndexError, KeyError) as exc:
+            return DecodeError("decode", one_line(exc))
     try:
         with warnings.catch_warnings():
             # Our own header check below is the limit; Pillow's hard limit
@@ -93,7 +220,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray | DecodeError:
                 return DecodeError("unsupported", f"zero-sized image ({width}x{height})")
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb8(image)
+            return _pillow_pixels(image)
     except Image.DecompressionBombError as exc:
         return DecodeError("too_large", one_line(exc))
     except Image.UnidentifiedImageError:
@@ -109,7 +236,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray | DecodeError:
         return DecodeError("decode", one_line(exc))
 
 
-def read_and_decode(uri: str, *, max_pixels: int) -> np.ndarray | DecodeError:
+def read_and_decode(uri: str, *, max_pixels: int) -> RawImage | DecodeError:
     """Read ``uri`` and decode it; a bad image becomes a ``DecodeError``, never an exception.
 
     A missing or forbidden object is the image's own fault (``unreadable``).

@@ -9,18 +9,21 @@
   (1-based index into the card's classes).
 * GeoJSON: a FeatureCollection with one Feature per instance: its polygon in
   the tile's pixel coordinates, ``objectType: detection``, a
-  ``classification`` (name and RGB colour) and ``measurements`` (area in px,
-  perimeter in px, score), as QuPath imports them. Tiles are separate images,
+  ``classification`` (name and RGB colour) and ``measurements`` (area and
+  perimeter in px, score, the shape features, µm sizes where the pixel size is
+  known, mean raw intensity per channel), as QuPath imports them. Tiles are separate images,
   so the export is per tile (``image``) or per slide with each feature's
   ``image`` property naming its tile.
 """
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import shapely
 
-from pipeline import commit, storage
+from pipeline import commit, features, storage
 from pipeline.evaluate import detections_from_instances, load
 from pipeline.stats import read_table
 
@@ -74,6 +77,28 @@ def _select(instances: pd.DataFrame, slide: str | None, image: str | None) -> pd
     return instances
 
 
+MEASUREMENTS = (
+    "area",
+    "perimeter",
+    "score",
+    *features.SHAPE_FEATURES,
+    "area_um2",
+    "perimeter_um",
+    "axis_major_length_um",
+    "axis_minor_length_um",
+)
+"""Scalar instance columns exported as QuPath measurements (those the run has; nulls left out)."""
+
+
+def _measurements(row) -> dict[str, float]:
+    """A QuPath ``measurements`` dict: the scalar columns, and intensity means per channel (index)."""
+    values = {name: float(getattr(row, name)) for name in MEASUREMENTS if hasattr(row, name)}
+    means = getattr(row, "intensity_mean", None)
+    for index, value in enumerate([] if means is None else means):
+        values[f"intensity_mean[{index}]"] = float(value)
+    return {name: value for name, value in values.items() if math.isfinite(value)}
+
+
 def geojson(dest: str, *, slide: str | None = None, image: str | None = None) -> dict:
     """A GeoJSON FeatureCollection of the run's instances on ``slide`` and/or ``image`` (a tile URI).
 
@@ -82,18 +107,7 @@ def geojson(dest: str, *, slide: str | None = None, image: str | None = None) ->
     """
     if slide is None and image is None:
         raise ValueError("give a slide or an image to export")
-    columns = [
-        "uri",
-        "slide_id",
-        "instance_id",
-        "label",
-        "class_name",
-        "score",
-        "area",
-        "perimeter",
-        "polygon",
-    ]
-    instances = _select(read_table(dest, "instances", columns=columns), slide, image)
+    instances = _select(read_table(dest, "instances"), slide, image)
     if instances.empty:
         images = _select(read_table(dest, "images", columns=["uri", "slide_id"]), slide, image)
         if images.empty:
@@ -111,11 +125,7 @@ def geojson(dest: str, *, slide: str | None = None, image: str | None = None) ->
                 "properties": {
                     "objectType": "detection",
                     "classification": {"name": row.class_name, "color": list(class_colour(row.label))},
-                    "measurements": {
-                        "area": int(row.area),
-                        "perimeter": float(row.perimeter),
-                        "score": float(row.score),
-                    },
+                    "measurements": _measurements(row),
                     "image": storage.redact(row.uri),
                     "instance_id": int(row.instance_id),
                 },

@@ -20,7 +20,8 @@ instance's own (expanded, integer) box, so the cost is O(box area):
 4. polygon: one OpenCV trace (``RETR_CCOMP``, so holes survive) of the
    canvas's pixel edges (:func:`pixel_edge_grid`), so outlines follow pixel
    edges; WKB bytes;
-5. measurements from the runs.
+5. measurements from the runs: area, centroid, and the shape and raw
+   intensity features of :mod:`pipeline.features`.
 
 Conventions: pixel (row i, column j) covers [j, j + 1) x [i, i + 1) in image
 coordinates (x right, y down), so its centre is (j + 0.5, i + 0.5). Boxes are
@@ -34,7 +35,7 @@ crops to the host.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -44,6 +45,9 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from shapely.geometry import Polygon
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+from pipeline import features
+from pipeline.columns import InstanceColumns
 
 PASTE_PADDING = 1
 """Cells of zero padding torchvision adds around each mask grid before pasting."""
@@ -61,44 +65,6 @@ class Crop:
     mask: np.ndarray
     x0: int
     y0: int
-
-
-@dataclass
-class InstanceMasks:
-    """Per-instance encodings of one image; every field has length N.
-
-    Fields:
-        rle: COCO compressed RLE counts (ASCII str) over the whole image; size is (height, width).
-        area: int64, mask pixel count (the truth for area; polygons approximate it).
-        mask_box: int32 (N, 4), the mask's tight box x0, y0, x1, y1 (x1, y1 exclusive);
-            zeros for an empty mask.
-        centroid: float64 (N, 2), mean pixel centre (x, y); NaN for an empty mask.
-        perimeter: float64, length in px of the polygon's boundary (exterior and holes).
-        polygon: WKB bytes of a valid Polygon or MultiPolygon in image coordinates;
-            an empty polygon for an empty mask.
-    """
-
-    rle: list[str]
-    area: np.ndarray
-    mask_box: np.ndarray
-    centroid: np.ndarray
-    perimeter: np.ndarray
-    polygon: list[bytes]
-
-    def __len__(self) -> int:
-        return len(self.rle)
-
-    def filter(self, keep: np.ndarray) -> InstanceMasks:
-        """The instances where the bool (N,) ``keep`` is true, in order."""
-        keep = np.asarray(keep, bool)
-        if keep.shape != (len(self),):
-            raise ValueError(f"keep has shape {keep.shape}, expected ({len(self)},)")
-        index = np.flatnonzero(keep)
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = [value[i] for i in index] if isinstance(value, list) else value[index]
-        return InstanceMasks(**out)
 
 
 def integer_paste_boxes(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
@@ -222,20 +188,22 @@ def paste_batched(
 
 
 def encode(
-    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float
-) -> InstanceMasks:
-    """Everything the output stores about N instances' masks, box-locally.
+    probs: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    threshold: float,
+    pixels: np.ndarray | None = None,
+) -> InstanceColumns:
+    """Everything the output stores about N instances' masks, box-locally (see :func:`encode_crops`).
 
     Args:
         probs: (N, M, M) mask probabilities on any device (CUDA uses :func:`paste_batched`).
         boxes: (N, 4) float boxes x0, y0, x1, y1 in original-image pixels.
         image_size: (height, width) of the original image.
         threshold: mask threshold (probability >= threshold is inside).
-
-    Instances whose mask is empty after thresholding are kept here (area 0,
-    empty polygon, NaN centroid); the caller decides (the segment job drops them).
+        pixels: the raw image (H, W, C) for the intensity features, or None.
     """
-    return encode_crops(paste_on_device(probs, boxes, image_size, threshold), image_size)
+    return encode_crops(paste_on_device(probs, boxes, image_size, threshold), image_size, pixels)
 
 
 def paste_on_device(
@@ -494,17 +462,50 @@ def repaired(geometries: np.ndarray) -> np.ndarray:
     return geometries
 
 
-def encode_crops(crops: list[Crop], image_size: tuple[int, int]) -> InstanceMasks:
-    """:class:`InstanceMasks` of already pasted and thresholded crops, all at once."""
+def encode_crops(
+    crops: list[Crop], image_size: tuple[int, int], pixels: np.ndarray | None = None
+) -> InstanceColumns:
+    """The stored fields of already pasted and thresholded crops, all at once.
+
+    Args:
+        crops: N crops of one image.
+        image_size: (height, width) of the image.
+        pixels: the image's raw values (H, W, C); None leaves the intensity features out.
+
+    Returns:
+        :class:`InstanceColumns` of length N with ``rle`` (COCO compressed
+        counts, ASCII, over the whole image), ``area`` int64 (pixel count),
+        ``centroid_x``/``centroid_y`` float64 (mean pixel centre), ``perimeter``
+        float64 (polygon boundary incl. holes, px), ``polygon`` (WKB of a valid
+        Polygon or MultiPolygon in image coordinates), the shape features of
+        :data:`pipeline.features.SHAPE_FEATURES` (float64), with ``pixels`` the
+        intensity features (float64 (N, C) each, as lists per instance), and
+        ``_mask_box`` int32 (N, 4), the tight box x0, y0, x1, y1 (exclusive),
+        not written. An empty crop gets area 0, an empty polygon and NaN
+        centroid and features; the caller decides what to do with it.
+    """
+    n = len(crops)
     atlas = CropAtlas.pack(crops)
     runs = ColumnRuns.of(atlas)
-    area, mask_box, centroid = measure(runs, len(crops))
+    area, mask_box, centroid = measure(runs, n)
     geometries = polygons(atlas)
-    return InstanceMasks(
-        rle_strings(runs, len(crops), image_size),
-        area,
-        mask_box,
-        centroid,
-        shapely.length(geometries).astype(np.float64),
-        list(shapely.to_wkb(geometries)),
+    perimeter = shapely.length(geometries).astype(np.float64)
+    columns = InstanceColumns(
+        length=n,
+        rle=rle_strings(runs, n, image_size),
+        area=area,
+        centroid_x=centroid[:, 0],
+        centroid_y=centroid[:, 1],
+        perimeter=perimeter,
+        polygon=list(shapely.to_wkb(geometries)),
+        _mask_box=mask_box,
     )
+    origin = np.stack([atlas.x0, atlas.y0], axis=1)
+    for name, values in features.shape_features(runs, atlas, n, origin, area).items():
+        columns[name] = values
+    if pixels is not None:
+        if pixels.shape[:2] != tuple(image_size):
+            raise ValueError(f"pixels have shape {pixels.shape}, expected image size {image_size}")
+        for name, values in features.intensity_features(runs, n, pixels).items():
+            columns[name] = list(values)
+    return columns

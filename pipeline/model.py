@@ -43,13 +43,17 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from pipeline import storage
+from pipeline import preprocess, storage
+from pipeline.preprocess import Preprocessing
 
 CHECKPOINT_FORMAT = "segpipe-checkpoint"
 CHECKPOINT_VERSION = 1
 BUNDLED_MODEL = Path(__file__).parent / "models" / "nuclei_r18_fpn.pt"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION_PREPROCESSING = Preprocessing(
+    channel="rgb", normalize="range", note="torchvision's COCO convention: RGB scaled by the type's range"
+)
 
 
 class ModelLoadError(ValueError):
@@ -67,7 +71,11 @@ class ModelCard:
         input_size: ``"native"`` (images go in at their own size, right for
             tiles), or the shorter side in pixels that torchvision resizes to.
         max_size: longer-side cap in pixels when resizing (ignored for native).
-        image_mean, image_std: per-channel normalisation of RGB in [0, 1].
+        image_mean, image_std: per-channel normalisation of the network's three
+            input channels (applied inside the model, after ``preprocessing``).
+        preprocessing: how raw pixels become the input in [0, 1]
+            (:class:`pipeline.preprocess.Preprocessing`); a checkpoint written
+            without one gets :data:`pipeline.preprocess.LEGACY`, which says so.
         score_threshold, mask_threshold, max_detections: default thresholds.
         training: provenance (command, seed, steps, duration), free form.
     """
@@ -82,6 +90,7 @@ class ModelCard:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     max_detections: int = 500
+    preprocessing: Preprocessing = preprocess.LEGACY
     training: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +108,11 @@ class ModelCard:
         for key in ("classes", "image_mean", "image_std"):
             if key in data:
                 data[key] = tuple(data[key])
+        if "preprocessing" in data:
+            try:
+                data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
+            except preprocess.PreprocessingError as exc:
+                raise ModelLoadError(f"model card: {exc}") from None
         return cls(**data)
 
 
@@ -251,6 +265,7 @@ def _torchvision_model(name: str, weights: str | None) -> LoadedModel:
             architecture=name,
             classes=tuple(c for c in enum.DEFAULT.meta["categories"][1:]),
             input_size=800,
+            preprocessing=TORCHVISION_PREPROCESSING,
         )
         torch.manual_seed(0)
         model = build_model(card)
@@ -279,7 +294,13 @@ def _torchvision_model(name: str, weights: str | None) -> LoadedModel:
         if num_classes == len(categories)
         else tuple(f"class_{k}" for k in range(1, num_classes))
     )
-    card = ModelCard(name=name, architecture=name, classes=classes, input_size=800)
+    card = ModelCard(
+        name=name,
+        architecture=name,
+        classes=classes,
+        input_size=800,
+        preprocessing=TORCHVISION_PREPROCESSING,
+    )
     model = build_model(card)
     model.load_state_dict(state)
     return LoadedModel(model.eval(), card, _fingerprint(data))

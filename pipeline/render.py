@@ -15,10 +15,14 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pipeline.decode import DecodeError, read_and_decode
+from pipeline import stats
+from pipeline.decode import DecodeError, RawImage, read_and_decode
+from pipeline.preprocess import Preprocessing, model_input
 from pipeline.stats import read_table
 
 FILL_ALPHA = 0.45
+DISPLAY = Preprocessing(channel="rgb", normalize="percentile", floor_snr=20.0)
+"""How a raw image is shown: its colour channels (grey repeated), percentiles 1 / 99.8 stretched."""
 GOLDEN_RATIO = 0.618033988749895
 
 
@@ -51,11 +55,24 @@ def draw_instances(image: np.ndarray, instances: pd.DataFrame, *, labels: bool =
     return out
 
 
+def for_display(raw: RawImage) -> np.ndarray:
+    """A raw image (any bit depth, any channels) as uint8 RGB (H, W, 3) for people.
+
+    8-bit RGB is shown as stored; anything else (grey, 16-bit, float, more
+    channels) has its first three channels (grey repeated) stretched between
+    the 1st and 99.8th percentiles, so a 12-bit camera image is not black.
+    """
+    if raw.pixels.dtype == np.uint8 and raw.pixels.shape[2] == 3:
+        return raw.pixels
+    stretched = model_input(raw.pixels, DISPLAY, channel_names=raw.channel_names)
+    return np.ascontiguousarray((stretched.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))
+
+
 def _tile(uri: str, instances: pd.DataFrame, labels: bool) -> np.ndarray:
     image = read_and_decode(uri, max_pixels=10**9)
     if isinstance(image, DecodeError):
         raise ValueError(f"cannot render {uri}: {image.kind}: {image.message}")
-    return draw_instances(image, instances[instances["uri"] == uri], labels=labels)
+    return draw_instances(for_display(image), instances[instances["uri"] == uri], labels=labels)
 
 
 def render_image(dest: str, uri: str, *, labels: bool = False) -> np.ndarray:
@@ -104,24 +121,41 @@ def contact_sheet(
     return sheet
 
 
-def area_histogram(dest: str, slide: str, path: str, *, bins: int = 40) -> None:
-    """Write a PNG histogram of instance area (px) per class on ``slide``."""
+def feature_histogram(dest: str, slide: str, path: str, *, feature: str = "area", bins: int = 40) -> None:
+    """Write a PNG histogram of one instance feature per class on ``slide``.
+
+    ``feature`` is any spec :func:`pipeline.stats.feature_columns` takes that
+    names one column: ``area``, ``solidity``, ``intensity_mean[DAPI]``... (a
+    per-channel feature of a one-channel run needs no channel).
+
+    Raises:
+        ValueError: no instance on ``slide``, or ``feature`` is unknown or names several columns.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    instances = read_table(dest, "instances", columns=["slide_id", "class_name", "area"])
+    column = stats.FEATURE_PATTERN.match(feature)
+    if not column or column["column"] not in stats.numeric_features():
+        raise ValueError(f"unknown feature {feature!r}; numeric columns: {stats.numeric_features()}")
+    instances = read_table(dest, "instances", columns=["slide_id", "class_name", column["column"]])
     instances = instances[instances["slide_id"] == slide]
     if instances.empty:
         raise ValueError(f"the run has no instance on slide {slide!r}")
+    images = read_table(dest, "images", columns=["slide_id", "channels"])
+    values = stats.feature_columns(instances, images[images["slide_id"] == slide], [feature])
+    if values.shape[1] != 1:
+        raise ValueError(f"{feature!r} has one value per channel: name one, e.g. {values.columns[0]}")
+    label = values.columns[0]
     figure, axis = plt.subplots(figsize=(7, 4))
-    edges = np.histogram_bin_edges(instances["area"], bins=bins)
-    for name, group in instances.groupby("class_name"):
-        axis.hist(group["area"], bins=edges, alpha=0.6, label=f"{name} (n={len(group)})")
-    axis.set_xlabel("area (px)")
+    finite = values[label][np.isfinite(values[label])]
+    edges = np.histogram_bin_edges(finite, bins=bins)
+    for name, group in values[label].groupby(instances["class_name"]):
+        axis.hist(group.dropna(), bins=edges, alpha=0.6, label=f"{name} (n={len(group)})")
+    axis.set_xlabel(f"{label} (units: schemas/tables.py)")
     axis.set_ylabel("instances")
-    axis.set_title(f"instance area on {slide}")
+    axis.set_title(f"{label} on {slide}")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

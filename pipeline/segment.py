@@ -32,11 +32,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline import commit, storage
-from pipeline.decode import one_line
+from pipeline.decode import RawImage, one_line, read_and_decode
 from pipeline.model import LoadedModel, ModelCard, resolve_model
 from pipeline.plan import plan
+from pipeline.preprocess import with_channel
 from pipeline.worker import InferenceSettings, ShardProcessor
-from schemas import MANIFEST, check_version
+from schemas import MANIFEST, SCHEMA_VERSION, check_version
 
 EXIT_OK = 0
 EXIT_SHARDS_FAILED = 3
@@ -82,6 +83,10 @@ class PinnedSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     overlap_threshold: float = DEFAULT_OVERLAP_THRESHOLD
     exclusive_pixels: bool = DEFAULT_EXCLUSIVE_PIXELS
+    channel: str | int | None = None
+    """The input channel the model sees (index or name); None: the model card's."""
+    pixel_size_um: float | None = None
+    """µm per pixel of every image; None: each file's own (OME-TIFF, TIFF resolution), else unknown."""
 
 
 @dataclass(frozen=True)
@@ -192,13 +197,28 @@ def start(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {**asdict(pinned), "source": storage.redact(pinned.source)},
         "model": {"card": loaded.card.to_dict(), "fingerprint": loaded.fingerprint},
+        "preprocessing": with_channel(loaded.card.preprocessing, pinned.channel).to_dict(),
         "images": manifest.num_rows,
         "shards": int(manifest["shard_id"][-1].as_py()) + 1,
         "batch_size": batch_size or DEFAULT_BATCH_SIZE,
+        "schema_version": SCHEMA_VERSION,
+        "channels": _first_image_channels(manifest),
         "versions": _versions(),
     }
     commit.write_json(_run_json_uri(dest), run_json)
     return pinned, loaded
+
+
+def _first_image_channels(manifest) -> dict[str, Any]:
+    """The channel names of the run's first decodable image, with how to read the intensity lists."""
+    for uri in manifest.column("uri").to_pylist()[:16]:
+        raw = read_and_decode(uri, max_pixels=DEFAULT_MAX_PIXELS)
+        if isinstance(raw, RawImage):
+            return {
+                "first_image": list(raw.channel_names),
+                "note": "intensity_* lists follow each image's own channels (images.channels)",
+            }
+    return {"first_image": None, "note": "no image among the first 16 could be decoded"}
 
 
 def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, LoadedModel]:
@@ -213,6 +233,13 @@ def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, Loaded
     if not storage.exists(_run_json_uri(dest)):
         raise RunError(f"no run to resume at {storage.redact(dest)} (run.json not found)")
     run_json = commit.read_json(_run_json_uri(dest))
+    written = run_json.get("schema_version", "1")
+    if written != SCHEMA_VERSION:
+        raise RunError(
+            f"{storage.redact(dest)} was written with table schema version {written} and this segpipe "
+            f"writes version {SCHEMA_VERSION}: new shards would not match the old ones; finish it with "
+            "the segpipe that started it, or start a new run (--output)"
+        )
     pinned = PinnedSettings(**run_json["settings"])
     different = {
         k: (getattr(pinned, k), v) for k, v in overrides.items() if v is not None and getattr(pinned, k) != v
@@ -416,8 +443,10 @@ def execute(
         max_detections=pinned.max_detections,
         batch_size=batch_size,
         max_pixels=pinned.max_pixels,
+        preprocessing=with_channel(loaded.card.preprocessing, pinned.channel),
         overlap_threshold=pinned.overlap_threshold,
         exclusive_pixels=pinned.exclusive_pixels,
+        pixel_size_um=pinned.pixel_size_um,
     )
     weights_ref = ray.put({k: v.detach().cpu().numpy() for k, v in loaded.module.state_dict().items()})
     env = {k: os.environ[k] for k in _ENDPOINT_VARIABLES if k in os.environ}

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline import commit, storage
+from schemas import IMAGES, INSTANCES, READABLE_VERSIONS, check_version
+
+FEATURE_PATTERN = re.compile(r"^(?P<column>[a-z_0-9]+)(\[(?P<channel>[^\]]+)\])?$")
+"""A feature spec: a numeric instances column, or a per-channel one with ``[channel name or index]``."""
 
 
 def read_table(dest: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -20,11 +28,76 @@ def read_table(dest: str, name: str, columns: list[str] | None = None) -> pd.Dat
     fs, _ = storage.resolve(dest)
     paths = [storage.resolve(uri_for(dest, shard))[1] for shard in committed]
     if not paths:
-        from schemas import IMAGES, INSTANCES
-
         schema = INSTANCES if name == "instances" else IMAGES
-        return schema.empty_table().to_pandas()
-    return ds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=columns).to_pandas()
+        return schema.empty_table().select(columns or schema.names).to_pandas()
+    dataset = ds.dataset(paths, format="parquet", filesystem=fs)
+    version = check_version(dataset.schema, name, READABLE_VERSIONS)
+    missing = sorted(set(columns or []) - set(dataset.schema.names))
+    if missing:
+        raise ValueError(
+            f"the run at {storage.redact(dest)} has no {name} column {', '.join(missing)}: it was written "
+            f"with table schema version {version}; segment it again to get them"
+        )
+    return dataset.to_table(columns=columns).to_pandas()
+
+
+def feature_columns(instances: pd.DataFrame, images: pd.DataFrame, specs: list[str]) -> pd.DataFrame:
+    """The features named by ``specs`` as plain numeric columns, one row per instance.
+
+    A spec is a numeric instances column (``solidity``, ``area_um2``), or a
+    per-channel one: ``intensity_mean`` gives one column per channel,
+    ``intensity_mean[DAPI]`` or ``intensity_mean[0]`` just that one. Channels
+    are named by ``images.channels`` when every image has the same channels,
+    else by index. Output columns are named ``column`` or ``column[channel]``.
+
+    Raises:
+        ValueError: a malformed spec, a column that is not numeric, or an unknown channel.
+    """
+    channels = _common_channels(images)
+    out = {}
+    for spec in specs:
+        match = FEATURE_PATTERN.match(spec)
+        if not match or match["column"] not in instances or match["column"] not in numeric_features():
+            raise ValueError(f"unknown feature {spec!r}; numeric columns: {numeric_features()}")
+        values = instances[match["column"]]
+        if not pa.types.is_list(INSTANCES.field(match["column"]).type):
+            if match["channel"] is not None:
+                raise ValueError(f"{match['column']!r} has no channels")
+            out[spec] = values.astype(np.float64)
+            continue
+        stacked = np.array([np.asarray(v, np.float64) for v in values], dtype=object)
+        width = max((len(v) for v in stacked), default=0)
+        names = channels if channels and len(channels) == width else [str(k) for k in range(width)]
+        wanted = names if match["channel"] is None else [match["channel"]]
+        for name in wanted:
+            if name in names:
+                index = names.index(name)
+            elif name.isdigit() and int(name) < width:
+                index = int(name)
+            else:
+                raise ValueError(f"{match['column']}: no channel {name!r}; channels: {names}")
+            out[f"{match['column']}[{names[index]}]"] = [
+                v[index] if len(v) > index else np.nan for v in stacked
+            ]
+    return pd.DataFrame(out, index=instances.index)
+
+
+def numeric_features() -> list[str]:
+    """Instances columns that ``--features`` accepts (measurements, not ids)."""
+    skip = {"image_id", "shard_id", "instance_id", "label", "height", "width"}
+    return [
+        f.name
+        for f in INSTANCES
+        if f.name not in skip
+        and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type) or pa.types.is_list(f.type))
+    ]
+
+
+def _common_channels(images: pd.DataFrame) -> list[str] | None:
+    if "channels" not in images:
+        return None
+    seen = {tuple(c) for c in images["channels"].dropna()}
+    return list(next(iter(seen))) if len(seen) == 1 else None
 
 
 def summarize(
@@ -35,6 +108,7 @@ def summarize(
     classes: list[str] | None = None,
     class_name: str | None = None,
     pixel_size_um: float | None = None,
+    features: list[str] | None = None,
 ) -> pd.DataFrame:
     """Per slide (``by="slide"``) or image (``by="image"``) and class statistics.
 
@@ -42,8 +116,9 @@ def summarize(
     ``area_mean``, ``area_median``, ``area_p10``, ``area_p90``, ``area_std``
     (px^2, or um^2 with ``pixel_size_um`` and then named ``area_um2_*``),
     ``score_mean``, ``count_per_tile``, ``count_per_mm2`` (with a pixel size),
-    ``tiles`` (images processed ok) and ``tiles_error``. Every group appears
-    with every class (count 0 where none was found).
+    ``tiles`` (images processed ok) and ``tiles_error``; with ``features``
+    (see :func:`feature_columns`), ``F_mean`` and ``F_median`` for each. Every
+    group appears with every class (count 0 where none was found).
     """
     key = {"slide": "slide_id", "image": "uri"}.get(by)
     if key is None:
@@ -62,7 +137,9 @@ def summarize(
     )
     scale = (pixel_size_um**2) if pixel_size_um else 1.0
     area = instances["area"] * scale
-    grouped = instances.assign(area=area).groupby([key, "class_name"])
+    extra = feature_columns(instances, images, features) if features else pd.DataFrame(index=instances.index)
+    grouped = pd.concat([instances.assign(area=area)[[key, "class_name", "area", "score"]], extra], axis=1)
+    grouped = grouped.groupby([key, "class_name"])
     table = grouped.agg(
         count=("area", "size"),
         area_mean=("area", "mean"),
@@ -71,6 +148,7 @@ def summarize(
         area_p90=("area", lambda a: a.quantile(0.9)),
         area_std=("area", "std"),
         score_mean=("score", "mean"),
+        **{f"{c}_{how}": (c, how) for c in extra.columns for how in ("mean", "median")},
     )
     full_index = pd.MultiIndex.from_product([per_group.index, classes], names=[key, "class_name"])
     table = table.reindex(full_index)
@@ -90,13 +168,31 @@ def summarize(
 
 
 def per_slide(
-    dest: str, *, by: str = "slide", class_name: str | None = None, pixel_size_um: float | None = None
+    dest: str,
+    *,
+    by: str = "slide",
+    class_name: str | None = None,
+    pixel_size_um: float | None = None,
+    features: list[str] | None = None,
 ) -> pd.DataFrame:
     """Statistics of the run at ``dest`` (local or S3); see :func:`summarize` for the columns."""
     run = commit.read_json(storage.join(dest, "run.json"))
     classes = list(run["model"]["card"]["classes"])
-    instances = read_table(dest, "instances", columns=["slide_id", "uri", "class_name", "area", "score"])
-    images = read_table(dest, "images", columns=["slide_id", "uri", "status", "height", "width"])
+    matches = [(spec, FEATURE_PATTERN.match(spec)) for spec in features or []]
+    for spec, match in matches:
+        if not match or match["column"] not in numeric_features():
+            raise ValueError(f"unknown feature {spec!r}; numeric columns: {numeric_features()}")
+    wanted = {match["column"] for _, match in matches}
+    columns = ["slide_id", "uri", "class_name", "area", "score", *sorted(wanted - {"area", "score"})]
+    instances = read_table(dest, "instances", columns=columns)
+    image_columns = ["slide_id", "uri", "status", "height", "width"] + (["channels"] if features else [])
+    images = read_table(dest, "images", columns=image_columns)
     return summarize(
-        instances, images, by=by, classes=classes, class_name=class_name, pixel_size_um=pixel_size_um
+        instances,
+        images,
+        by=by,
+        classes=classes,
+        class_name=class_name,
+        pixel_size_um=pixel_size_um,
+        features=features,
     )

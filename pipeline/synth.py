@@ -1,55 +1,122 @@
-"""Synthetic fluorescence-nuclei archive with exact instance ground truth.
+"""Synthetic fluorescence-nuclei archive with exact instance ground truth, under domain randomisation.
 
 The archive stands in for a lab's bucket of slide tiles: the demo, the tests,
 the benchmarks and the bundled model's training all use it, and nothing has
-to be downloaded.
+to be downloaded. Real nuclei images differ from each other more than from
+any one synthetic look, so every tile draws its look from wide ranges
+(:class:`Appearance`); held-out *shifted* archives (:data:`SHIFTS`) draw from
+ranges outside the training ones, to measure robustness.
 
 Layout written by :func:`write_archive`::
 
-    DEST/slide-000/tile-0000.png ...    8-bit RGB tiles (nuclei blue, DAPI-like)
-    DEST/annotations.json               COCO instances, one RLE per visible nucleus
+    DEST/slide-000/tile-0000.png ...    8-bit grey or tinted RGB PNG, or
+    DEST/slide-000/tile-0001.tif ...    16-bit grey TIFF (full range, or a low range: a 12-bit camera)
+    DEST/annotations.json               COCO instances, one RLE per visible nucleus (class ``nucleus``)
 
-What a tile holds:
+What a tile holds (each range is per tile unless said):
 
-* a dark background with uneven illumination (a smooth random field);
-* nuclei of class ``nucleus``: ellipses with an irregular outline (a few
-  low-order radial harmonics), radius about 4 to 30 px, dim to medium
-  brightness, chromatin texture;
-* nuclei of class ``mitotic``: small (radius 4 to 8 px), compact, near-round,
-  very bright and smooth;
-* dense clusters where nuclei touch and overlap a little. The ground truth is
-  each nucleus's *visible* region (one owner per pixel, later nuclei on top);
-  a nucleus hidden by more than a third is left out of the tile altogether,
-  so no fragment is ever drawn or annotated;
-* debris that is not a nucleus: tiny specks, thin fibres, faint large blobs;
-* optical blur, shot noise and read noise.
+* background: a camera offset, autofluorescence that varies smoothly across
+  the tile, and uneven illumination (a smooth multiplicative field);
+* nuclei: ellipses with irregular outlines (low-order radial harmonics),
+  diameters about 8 to 50 px, elongation 1 to 2.2; per-nucleus brightness
+  spread over a 10x range or more in one tile, down to dim nuclei near the
+  background; each nucleus is textured (chromatin, nucleoli) or flat,
+  sharp- or soft-edged (the mask boundary is the half-intensity contour),
+  domed or rimmed;
+* sparse scatter, touching clusters, and densely packed clumps. The ground
+  truth is each nucleus's *visible* region (one owner per pixel, later nuclei
+  on top); a nucleus hidden by more than a third is left out of the tile
+  altogether, so no fragment is ever drawn or annotated;
+* things that are not nuclei: small bright specks, thin fibres, faint
+  out-of-focus blobs;
+* defocus blur (Gaussian, sigma up to 3 px), Poisson shot noise and Gaussian
+  read noise, then digitisation to the tile's file type.
 
-Everything is deterministic per ``(seed, slide, tile)``.
+Everything is deterministic per ``(seed, slide, tile)`` and appearance.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 from pycocotools import mask as mask_utils
 
-CLASSES = ("nucleus", "mitotic")
+CLASSES = ("nucleus",)
 """Class names; COCO ``category_id`` and the model's label are index + 1."""
 
 MAX_HIDDEN_FRACTION = 1 / 3
 """A nucleus whose visible area is below (1 - this) of its full area is dropped."""
 
+FILE_TYPES = ("gray8", "rgb8", "gray16", "gray16_low")
+"""How a tile is stored: 8-bit grey PNG, 8-bit tinted RGB PNG, 16-bit TIFF using most of its
+range, 16-bit TIFF using a low range (the brightest pixel at ``low_range_max``)."""
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """The ranges a tile's look is drawn from (``(low, high)``: uniform, or log-uniform where said).
+
+    Intensities are in units of the tile's brightest nucleus (1.0) before
+    illumination; every other nucleus of the tile is dimmer, down to
+    1 / ``spread``. ``snr`` is the shot-noise signal-to-noise ratio of one
+    pixel of the brightest nucleus (its photon count is ``snr ** 2``), so a
+    nucleus of brightness b has an SNR of about ``snr * sqrt(b)``.
+    """
+
+    radius: tuple[float, float] = (4.0, 25.0)
+    """Nucleus equivalent radius in px (log-uniform; diameters 8 to 50 px)."""
+    elongation: tuple[float, float] = (1.0, 2.2)
+    spread: tuple[float, float] = (10.0, 15.0)
+    """Brightest / dimmest nucleus brightness in a tile (each nucleus log-uniform in between)."""
+    blur: tuple[float, float] = (0.3, 3.0)
+    """Defocus blur sigma in px."""
+    snr: tuple[float, float] = (10.0, 150.0)
+    """Per-pixel SNR of the brightest nucleus (log-uniform): lower means noisier."""
+    read_noise: tuple[float, float] = (0.5, 4.0)
+    """Camera read noise sigma in photons."""
+    background: tuple[float, float] = (0.01, 0.15)
+    """Autofluorescence level."""
+    unevenness: tuple[float, float] = (0.0, 0.6)
+    """Illumination falls by up to this fraction across the tile."""
+    density: tuple[float, float] = (3.0, 40.0)
+    """Scattered nuclei per 256 x 256 px (log-uniform), besides clusters."""
+    file_types: tuple[str, ...] = FILE_TYPES
+    low_range_max: tuple[float, float] = (150.0, 4095.0)
+    """Brightest pixel value of a low-range 16-bit tile (log-uniform)."""
+
+
+TRAINING = Appearance()
+"""The ranges the bundled model is trained on (and in-distribution held-out archives use)."""
+
+SHIFTS: dict[str, Appearance] = {
+    "dim": replace(TRAINING, spread=(18.0, 30.0)),
+    "blurry": replace(TRAINING, blur=(3.5, 4.5)),
+    "large": replace(TRAINING, radius=(26.0, 34.0), density=(2.0, 6.0)),
+    "small": replace(TRAINING, radius=(3.2, 3.9), density=(30.0, 80.0)),
+    "noisy": replace(TRAINING, snr=(5.0, 9.0), read_noise=(4.0, 6.0)),
+    "low_range16": replace(TRAINING, file_types=("gray16_low",), low_range_max=(40.0, 120.0)),
+}
+"""Held-out archives whose parameters lie outside the training ranges (robustness, never training):
+dimmer nuclei (down to 1/30 of the brightest), blurrier (sigma 3.5-4.5), larger (diameters 52-68 px),
+smaller (6.4-7.8 px), noisier (SNR 5-9 at the brightest nucleus), and 16-bit files whose brightest
+pixel is 40 to 120 (coarser than any training tile)."""
+
 
 @dataclass(frozen=True)
 class Nucleus:
-    """One nucleus before occlusion: centre (px), semi-axes (px), shape and look."""
+    """One nucleus before occlusion: centre (px), semi-axes (px), outline and look.
 
-    label: int
+    ``edge``: width of the soft edge as a fraction of the radius; ``dome``: radial
+    profile (> 0 brighter centre, < 0 brighter rim); ``texture``: chromatin contrast.
+    """
+
     cx: float
     cy: float
     semi_major: float
@@ -58,30 +125,39 @@ class Nucleus:
     harmonics: tuple[tuple[int, float, float], ...]
     brightness: float
     texture: float
+    edge: float
+    dome: float
+    nucleoli: int
 
 
-def _shape_mask(n: Nucleus, height: int, width: int) -> tuple[np.ndarray, int, int]:
-    """Rasterise one nucleus box-locally.
+def _shape_field(n: Nucleus, height: int, width: int, reach: float) -> tuple[np.ndarray, int, int]:
+    """The nucleus's normalised radius field box-locally: (r, x0, y0).
 
-    Returns (mask, x0, y0): a bool array of the nucleus's bounding box, clipped
-    to the tile, and the box's top-left pixel in tile coordinates.
+    ``r`` (float32, box clipped to the tile) is < 1 inside the outline, 1 on it;
+    (x0, y0) is the box's top-left pixel in tile coordinates. The box reaches
+    ``reach`` semi-major axes from the centre.
     """
-    reach = n.semi_major * 1.4 + 1
-    x0, x1 = max(int(n.cx - reach), 0), min(int(n.cx + reach) + 1, width)
-    y0, y1 = max(int(n.cy - reach), 0), min(int(n.cy + reach) + 1, height)
+    extent = n.semi_major * reach + 1
+    x0, x1 = max(int(n.cx - extent), 0), min(int(n.cx + extent) + 1, width)
+    y0, y1 = max(int(n.cy - extent), 0), min(int(n.cy + extent) + 1, height)
     if x1 <= x0 or y1 <= y0:
-        return np.zeros((0, 0), bool), x0, y0
+        return np.zeros((0, 0), np.float32), x0, y0
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     dx, dy = xs + 0.5 - n.cx, ys + 0.5 - n.cy
     cos_a, sin_a = math.cos(n.angle), math.sin(n.angle)
     u = (dx * cos_a + dy * sin_a) / n.semi_major
     v = (-dx * sin_a + dy * cos_a) / n.semi_minor
-    rho = np.sqrt(u * u + v * v)
     theta = np.arctan2(v, u)
-    boundary = np.ones_like(rho)
+    boundary = np.ones_like(u)
     for order, amplitude, phase in n.harmonics:
         boundary += amplitude * np.cos(order * theta + phase)
-    return rho < boundary, x0, y0
+    return np.sqrt(u * u + v * v) / boundary, x0, y0
+
+
+def _shape_mask(n: Nucleus, height: int, width: int) -> tuple[np.ndarray, int, int]:
+    """The nucleus's pixels box-locally: (bool mask, x0, y0), see :func:`_shape_field`."""
+    field, x0, y0 = _shape_field(n, height, width, reach=1.4)
+    return field < 1, x0, y0
 
 
 def _smooth_field(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
@@ -92,59 +168,98 @@ def _smooth_field(rng: np.random.Generator, height: int, width: int, cells: int)
     return field / max(float(field.max()), 1e-6)
 
 
-def _sample_nucleus(rng: np.random.Generator, cx: float, cy: float, mitotic: bool) -> Nucleus:
-    if mitotic:
-        radius = rng.uniform(4.0, 8.0)
-        elongation = rng.uniform(1.0, 1.25)
-        harmonics = ((3, rng.uniform(0.0, 0.05), rng.uniform(0, 2 * math.pi)),)
-        brightness = rng.uniform(0.85, 1.0)
-        texture = 0.03
-    else:
-        radius = math.exp(rng.uniform(math.log(5.0), math.log(30.0)))
-        elongation = rng.uniform(1.0, 1.7)
-        harmonics = tuple(
-            (order, rng.uniform(0.0, 0.12 / order), rng.uniform(0, 2 * math.pi)) for order in (2, 3, 4, 5)
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1])))
+
+
+@dataclass(frozen=True)
+class TileStyle:
+    """One tile's draw from an :class:`Appearance`: brightness range, blur, noise, density, file type."""
+
+    dimmest: float
+    blur: float
+    photons: float
+    read_noise: float
+    background: float
+    unevenness: float
+    density: float
+    clusters: int
+    flat_fraction: float
+    file_type: str
+    max_value: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, look: Appearance) -> TileStyle:
+        file_type = str(rng.choice(look.file_types))
+        max_value = {
+            "gray8": rng.uniform(90, 250),
+            "rgb8": rng.uniform(90, 250),
+            "gray16": rng.uniform(12000, 60000),
+            "gray16_low": _log_uniform(rng, look.low_range_max),
+        }[file_type]
+        return cls(
+            dimmest=1 / rng.uniform(*look.spread),
+            blur=rng.uniform(*look.blur),
+            photons=_log_uniform(rng, look.snr) ** 2,
+            read_noise=rng.uniform(*look.read_noise),
+            background=rng.uniform(*look.background),
+            unevenness=rng.uniform(*look.unevenness),
+            density=_log_uniform(rng, look.density),
+            clusters=int(rng.integers(0, 5)),
+            flat_fraction=rng.uniform(0.0, 0.7),
+            file_type=file_type,
+            max_value=max_value,
         )
-        brightness = rng.uniform(0.22, 0.6)
-        texture = rng.uniform(0.15, 0.4)
+
+
+def _sample_nucleus(
+    rng: np.random.Generator, look: Appearance, style: TileStyle, cx: float, cy: float
+) -> Nucleus:
+    radius = _log_uniform(rng, look.radius)
+    elongation = rng.uniform(*look.elongation)
+    flat = rng.random() < style.flat_fraction
+    harmonics = tuple(
+        (order, rng.uniform(0.0, 0.12 / order), rng.uniform(0, 2 * math.pi)) for order in (2, 3, 4, 5)
+    )
     return Nucleus(
-        label=2 if mitotic else 1,
         cx=cx,
         cy=cy,
         semi_major=radius * math.sqrt(elongation),
         semi_minor=radius / math.sqrt(elongation),
         angle=rng.uniform(0, math.pi),
         harmonics=harmonics,
-        brightness=brightness,
-        texture=texture,
+        brightness=math.exp(rng.uniform(math.log(style.dimmest), 0.0)),
+        texture=0.0 if flat else rng.uniform(0.1, 0.45),
+        edge=rng.uniform(0.08, 0.2) if flat else rng.uniform(0.01, 0.08),
+        dome=rng.uniform(-0.4, 0.4),
+        nucleoli=0 if flat else int(rng.integers(0, 4)),
     )
 
 
-def _place_nuclei(rng: np.random.Generator, size: int) -> list[Nucleus]:
-    """Scatter nuclei: a sparse background population plus 0-3 dense clusters."""
+def _place_nuclei(rng: np.random.Generator, size: int, look: Appearance, style: TileStyle) -> list[Nucleus]:
+    """Scatter nuclei: a sparse population plus touching clusters and packed clumps."""
     nuclei: list[Nucleus] = []
     area_scale = (size / 256) ** 2
-    for _ in range(rng.poisson(12 * area_scale)):
-        nuclei.append(_sample_nucleus(rng, rng.uniform(0, size), rng.uniform(0, size), rng.random() < 0.15))
-    for _ in range(rng.integers(0, 4)):
-        # A cluster grows by putting each new nucleus against a random member,
-        # at a centre distance of 0.8-1.05 times the sum of their radii: touching,
-        # sometimes overlapping a little.
-        seed = _sample_nucleus(rng, rng.uniform(0, size), rng.uniform(0, size), False)
+    for _ in range(rng.poisson(style.density * area_scale)):
+        nuclei.append(_sample_nucleus(rng, look, style, rng.uniform(0, size), rng.uniform(0, size)))
+    for _ in range(style.clusters):
+        # A cluster grows by putting each new nucleus against a random member, at a
+        # centre distance of 0.75-1.05 times the sum of their short semi-axes:
+        # touching, sometimes overlapping a little (a packed clump when many).
+        seed = _sample_nucleus(rng, look, style, rng.uniform(0, size), rng.uniform(0, size))
         members = [seed]
-        for _ in range(rng.integers(4, 18)):
+        for _ in range(rng.integers(4, 30)):
             anchor = members[rng.integers(len(members))]
-            new = _sample_nucleus(rng, 0, 0, rng.random() < 0.1)
-            distance = (anchor.semi_minor + new.semi_minor) * rng.uniform(0.8, 1.05)
+            new = _sample_nucleus(rng, look, style, 0, 0)
+            distance = (anchor.semi_minor + new.semi_minor) * rng.uniform(0.75, 1.05)
             direction = rng.uniform(0, 2 * math.pi)
-            new = Nucleus(
-                **{
-                    **new.__dict__,
-                    "cx": anchor.cx + distance * math.cos(direction),
-                    "cy": anchor.cy + distance * math.sin(direction),
-                }
+            members.append(
+                replace(
+                    new,
+                    cx=anchor.cx + distance * math.cos(direction),
+                    cy=anchor.cy + distance * math.sin(direction),
+                )
             )
-            members.append(new)
         nuclei.extend(members)
     return nuclei
 
@@ -178,56 +293,123 @@ def _resolve_occlusion(nuclei: list[Nucleus], height: int, width: int) -> tuple[
     return [nuclei[i] for i in keep], remap[owner]
 
 
+def _nuclei_signal(rng: np.random.Generator, nuclei: list[Nucleus], owner: np.ndarray) -> np.ndarray:
+    """Emitted intensity (float32, H x W) of the nuclei: each owned pixel from its owner's profile,
+    background pixels from the soft edges (glow) of the nuclei around them.
+
+    A nucleus's profile is a sigmoid of its radius field, 0.5 on the outline
+    (the annotated boundary is the half-intensity contour), times a dome or
+    rim, chromatin texture and nucleoli.
+    """
+    height, width = owner.shape
+    chromatin = sum(
+        cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), sigma)
+        for sigma in (0.8, 2.0)
+    )
+    chromatin /= max(float(np.std(chromatin)), 1e-6)
+    owned = np.zeros((height, width), np.float32)
+    glow = np.zeros((height, width), np.float32)
+    for index, n in enumerate(nuclei, start=1):
+        r, x0, y0 = _shape_field(n, height, width, reach=1.4 + 4 * n.edge)
+        if r.size == 0:
+            continue
+        h, w = r.shape
+        profile = 1 / (1 + np.exp(np.minimum((r - 1) / n.edge, 50)))
+        profile *= 1 + n.dome * (0.5 - np.minimum(r, 1) ** 2)
+        profile *= np.clip(1 + n.texture * chromatin[y0 : y0 + h, x0 : x0 + w], 0.2, None)
+        ys, xs = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
+        for _ in range(n.nucleoli):
+            angle, distance = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.6) * n.semi_minor
+            spot_x, spot_y = n.cx + distance * math.cos(angle), n.cy + distance * math.sin(angle)
+            spot = np.exp(
+                -((xs + 0.5 - spot_x) ** 2 + (ys + 0.5 - spot_y) ** 2) / (2 * rng.uniform(0.8, 2.2) ** 2)
+            )
+            profile *= 1 + rng.choice([-0.6, 0.6]) * spot
+        value = n.brightness * profile
+        mine = owner[y0 : y0 + h, x0 : x0 + w] == index
+        owned[y0 : y0 + h, x0 : x0 + w][mine] = value[mine]
+        glow[y0 : y0 + h, x0 : x0 + w] += np.where(r >= 1, value, 0)
+    return np.where(owner > 0, owned, glow)
+
+
 def _debris(rng: np.random.Generator, size: int) -> np.ndarray:
     """Intensity (float32, size x size) of things that are not nuclei."""
     layer = np.zeros((size, size), np.float32)
     for _ in range(rng.poisson(6 * (size / 256) ** 2)):
         centre = (int(rng.uniform(0, size)), int(rng.uniform(0, size)))
-        cv2.circle(layer, centre, int(rng.integers(1, 3)), float(rng.uniform(0.3, 0.9)), -1)
+        cv2.circle(layer, centre, int(rng.integers(1, 3)), float(rng.uniform(0.3, 2.0)), -1)
     for _ in range(rng.poisson(1.5)):
         points = np.cumsum(rng.normal(0, 12, (6, 2)), axis=0) + rng.uniform(0, size, 2)
-        cv2.polylines(layer, [points.astype(np.int32)], False, float(rng.uniform(0.15, 0.4)), 1, cv2.LINE_AA)
+        brightness = float(rng.uniform(0.15, 0.5))
+        cv2.polylines(layer, [points.astype(np.int32)], False, brightness, 1, cv2.LINE_AA)
     for _ in range(rng.poisson(1.0)):
         centre = (int(rng.uniform(0, size)), int(rng.uniform(0, size)))
         blob = np.zeros_like(layer)
-        cv2.circle(blob, centre, int(rng.integers(20, 45)), float(rng.uniform(0.06, 0.14)), -1)
+        cv2.circle(blob, centre, int(rng.integers(20, 45)), float(rng.uniform(0.06, 0.15)), -1)
         layer += cv2.GaussianBlur(blob, (0, 0), 10)
     return layer
 
 
-def render_tile(
-    seed: int, slide: int, tile: int, size: int = 256
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Render one tile.
+@dataclass(frozen=True)
+class Tile:
+    """A rendered tile.
 
-    Returns:
-        image: uint8 (size, size, 3) RGB.
-        instances: int32 (size, size) label map, 0 background, k for instance k.
-        labels: class label (1 = nucleus, 2 = mitotic) of instance k at index k - 1.
+    pixels: the stored image, (size, size) uint8 or uint16 grey, or (size, size, 3) uint8 RGB.
+    instances: int32 (size, size) label map, 0 background, k for instance k.
+    labels: class label (1 = nucleus) of instance k at index k - 1.
+    file_type: one of :data:`FILE_TYPES`; suffix: the file's extension (".png" or ".tif").
     """
+
+    pixels: np.ndarray
+    instances: np.ndarray
+    labels: list[int]
+    file_type: str
+
+    @property
+    def suffix(self) -> str:
+        return ".tif" if self.file_type.startswith("gray16") else ".png"
+
+    def encoded(self) -> bytes:
+        """The tile's file bytes (PNG or TIFF)."""
+        if self.suffix == ".tif":
+            out = io.BytesIO()
+            tifffile.imwrite(out, self.pixels, compression="zlib")
+            return out.getvalue()
+        pixels = self.pixels[..., ::-1] if self.pixels.ndim == 3 else self.pixels
+        ok, data = cv2.imencode(".png", pixels)
+        if not ok:
+            raise ValueError("PNG encoding failed")
+        return data.tobytes()
+
+
+def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appearance = TRAINING) -> Tile:
+    """Render one tile with its ground truth; deterministic per arguments."""
     rng = np.random.default_rng([seed, slide, tile])
-    nuclei, owner = _resolve_occlusion(_place_nuclei(rng, size), size, size)
+    style = TileStyle.draw(rng, look)
+    nuclei, owner = _resolve_occlusion(_place_nuclei(rng, size, look, style), size, size)
+    signal = _nuclei_signal(rng, nuclei, owner)
 
-    nucleus_intensity = np.zeros(len(nuclei) + 1, np.float32)
-    nucleus_intensity[1:] = [n.brightness for n in nuclei]
-    texture_strength = np.zeros(len(nuclei) + 1, np.float32)
-    texture_strength[1:] = [n.texture for n in nuclei]
-    chromatin = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), 1.2)
-    chromatin /= max(float(chromatin.std()), 1e-6)
-    signal = nucleus_intensity[owner] * (1 + texture_strength[owner] * chromatin)
+    illumination = 1 - style.unevenness * _smooth_field(rng, size, size, 3)
+    autofluorescence = style.background * (0.5 + _smooth_field(rng, size, size, 6))
+    intensity = (autofluorescence + signal + _debris(rng, size)) * illumination
+    intensity = cv2.GaussianBlur(intensity, (0, 0), style.blur)
 
-    illumination = 0.6 + 0.4 * _smooth_field(rng, size, size, 4)
-    background = 0.03 + 0.05 * _smooth_field(rng, size, size, 6)
-    intensity = (background + signal + _debris(rng, size)) * illumination
-    intensity = cv2.GaussianBlur(intensity, (0, 0), rng.uniform(0.6, 1.4))
-
-    photons = rng.uniform(150, 600)
-    intensity = rng.poisson(np.clip(intensity, 0, None) * photons) / photons
-    intensity += rng.normal(0, rng.uniform(0.005, 0.02), intensity.shape)
-    gray = np.clip(intensity, 0, 1)
-    tint = np.array([0.25, 0.5, 1.0], np.float32)
-    image = (gray[..., None] * tint * 255 + 0.5).astype(np.uint8)
-    return image, owner, [n.label for n in nuclei]
+    expected = np.clip(intensity, 0, None) * style.photons
+    counts = rng.poisson(expected).astype(np.float32) + rng.normal(0, style.read_noise, expected.shape)
+    counts = counts.astype(np.float32)
+    dtype_max = 255 if style.file_type in ("gray8", "rgb8") else 65535
+    offset = rng.uniform(0, 0.08) * style.max_value
+    gain = (style.max_value - offset) / max(float(np.percentile(expected, 99.95)) * 1.15, 1.0)
+    digital = np.clip(offset + gain * counts, 0, dtype_max)
+    dtype = np.uint8 if dtype_max == 255 else np.uint16
+    if style.file_type == "rgb8":
+        tint = np.array([rng.uniform(0, 0.6), rng.uniform(0, 0.6), 1.0], np.float32)
+        if rng.random() < 0.3:
+            tint[:] = 1.0
+        pixels = (digital[..., None] * tint + 0.5).astype(dtype)
+    else:
+        pixels = (digital + 0.5).astype(dtype)
+    return Tile(pixels, owner, [1] * len(nuclei), style.file_type)
 
 
 def tile_annotations(instances: np.ndarray, labels: list[int]) -> list[dict]:
@@ -253,28 +435,39 @@ def tile_annotations(instances: np.ndarray, labels: list[int]) -> list[dict]:
     return annotations
 
 
+def tile_paths(dest: str | Path) -> list[Path]:
+    """The tile files of an archive written by :func:`write_archive`, sorted (PNG and TIFF)."""
+    return sorted(p for p in Path(dest).rglob("tile-*") if p.suffix in (".png", ".tif"))
+
+
 def write_archive(
-    dest: str | Path, *, slides: int = 4, tiles_per_slide: int = 16, size: int = 256, seed: int = 0
+    dest: str | Path,
+    *,
+    slides: int = 4,
+    tiles_per_slide: int = 16,
+    size: int = 256,
+    seed: int = 0,
+    look: Appearance = TRAINING,
 ) -> Path:
     """Write the archive and its COCO ground truth; return the annotations path.
 
     Image ``file_name`` in the COCO file is the tile path relative to ``dest``
-    (``slide-000/tile-0000.png``); image ids count from 1 in that order.
+    (``slide-000/tile-0000.png`` or ``.tif``); image ids count from 1 in that order.
     """
     dest = Path(dest)
     images, annotations = [], []
     for slide in range(slides):
         (dest / f"slide-{slide:03d}").mkdir(parents=True, exist_ok=True)
-        for tile in range(tiles_per_slide):
-            image, instances, labels = render_tile(seed, slide, tile, size)
-            file_name = f"slide-{slide:03d}/tile-{tile:04d}.png"
-            cv2.imwrite(str(dest / file_name), image[..., ::-1])
+        for index in range(tiles_per_slide):
+            tile = render_tile(seed, slide, index, size, look)
+            file_name = f"slide-{slide:03d}/tile-{index:04d}{tile.suffix}"
+            (dest / file_name).write_bytes(tile.encoded())
             image_id = len(images) + 1
             images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-            for annotation in tile_annotations(instances, labels):
+            for annotation in tile_annotations(tile.instances, tile.labels):
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
     coco = {
-        "info": {"description": f"synthetic nuclei, seed {seed}", "version": "1"},
+        "info": {"description": f"synthetic nuclei, seed {seed}", "version": "2"},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)],

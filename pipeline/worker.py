@@ -2,8 +2,9 @@
 
 The three stages overlap inside a replica:
 
-* read + decode run ahead of inference in a thread pool, at most
-  ``prefetch`` images in flight (Pillow, OpenCV and storage reads release the GIL);
+* read + decode + preprocessing (the model card's, :mod:`pipeline.preprocess`)
+  run ahead of inference in a thread pool, at most ``prefetch`` images in
+  flight (decoders, NumPy and storage reads release the GIL);
 * inference takes batches of same-size images (so an image's result never
   depends on its batch neighbours' sizes) under a lock (one forward at a
   time on the device, even with two shards in flight);
@@ -31,9 +32,11 @@ import pyarrow as pa
 import torch
 
 from pipeline import masks, postprocess
-from pipeline.decode import DecodeError, one_line, read_and_decode
+from pipeline.columns import InstanceColumns
+from pipeline.decode import DecodeError, RawImage, one_line, read_and_decode
 from pipeline.infer import Detections, autocast_dtype, detect
 from pipeline.model import ModelCard, build_model, configure
+from pipeline.preprocess import Preprocessing, PreprocessingError, model_input
 from schemas import IMAGES, instances_schema
 
 T = TypeVar("T")
@@ -55,15 +58,21 @@ def bounded_map(
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """What the replica needs besides the weights (all pinned in run.json except batch_size)."""
+    """What the replica needs besides the weights (all pinned in run.json except batch_size).
+
+    ``preprocessing`` is the model card's, with ``--channel`` applied.
+    """
 
     score_threshold: float
     mask_threshold: float
     max_detections: int
     batch_size: int
     max_pixels: int
+    preprocessing: Preprocessing
     overlap_threshold: float = 1.0
     exclusive_pixels: bool = False
+    pixel_size_um: float | None = None
+    """µm per pixel for every image (``--pixel-size-um``); None: each file's own, if it states one."""
 
 
 @dataclass
@@ -111,17 +120,31 @@ class ShardProcessor:
         self._device_lock = threading.Lock()
 
     def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """uint8 (H, W, 3) arrays of one size -> float (3, H, W) in [0, 1] on the device.
+        """Model inputs float32 (C, H, W) of one size, C 1 or 3 -> float (3, H, W) on the device.
 
-        On CUDA the batch goes through pinned memory with a non-blocking copy.
+        On CUDA the batch goes through pinned memory with a non-blocking copy;
+        one channel is replicated to three as a view, after the copy.
         """
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(np.stack(arrays))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return list(batch.float().div_(255))
+        return list(batch.expand(-1, 3, -1, -1))
+
+    def prepare(self, uri: str) -> tuple[RawImage, np.ndarray] | DecodeError:
+        """Read, decode and preprocess one image: (raw image, model input float32 (C, H, W)).
+
+        A channel the image does not have (``--channel``) makes it ``unsupported``.
+        """
+        raw = read_and_decode(uri, max_pixels=self.settings.max_pixels)
+        if isinstance(raw, DecodeError):
+            return raw
+        try:
+            return raw, model_input(raw.pixels, self.settings.preprocessing, channel_names=raw.channel_names)
+        except PreprocessingError as exc:
+            return DecodeError("unsupported", one_line(exc))
 
     def infer(self, arrays: list[np.ndarray]) -> list[Detections | DecodeError]:
-        """Detections per image of a same-size batch of uint8 (H, W, 3) arrays.
+        """Detections per image of a same-size batch of model inputs (C, H, W).
 
         If the batch raises, each image is retried alone; an image that still
         raises gets a ``DecodeError("inference", ...)`` instead of detections.
@@ -136,53 +159,58 @@ class ShardProcessor:
                     return [DecodeError("inference", one_line(exc))]
         return [self.infer([a])[0] for a in arrays]
 
-    def _encode(self, row: dict, size: tuple[int, int], detections: Detections) -> dict[str, Any]:
-        """Columns of the image's instances, and how many detections were dropped and why.
+    def _encode(self, row: dict, raw: RawImage, detections: Detections) -> tuple[InstanceColumns, dict]:
+        """The image's instance rows (every field of the instances schema) and counts of dropped ones.
 
         Order of operations: paste and threshold, suppress overlapping
-        duplicates, make pixels exclusive (if set), encode, drop empty masks.
+        duplicates, make pixels exclusive (if set), encode and measure (on the
+        raw pixels), drop empty masks.
         """
         order = torch.argsort(-detections.scores, stable=True)
-        boxes, labels = detections.boxes[order], detections.labels[order]
-        scores, probs = detections.scores[order], detections.mask_probs[order]
-        crops = masks.paste_on_device(probs, boxes, size, self.settings.mask_threshold)
-        boxes, labels, scores = (t.cpu().numpy() for t in (boxes, labels, scores))
-        kept = postprocess.suppress_overlaps(crops, self.settings.overlap_threshold)
-        crops = [crop for crop, keep in zip(crops, kept, strict=True) if keep]
-        boxes, labels, scores = boxes[kept], labels[kept], scores[kept]
+        boxes = detections.boxes[order]
+        crops = masks.paste_on_device(
+            detections.mask_probs[order], boxes, raw.size, self.settings.mask_threshold
+        )
+        boxes = boxes.cpu().numpy()
+        found = InstanceColumns(
+            _crop=crops,
+            label=detections.labels[order].cpu().numpy().astype(np.int16),
+            score=detections.scores[order].cpu().numpy().astype(np.float32),
+            x0=boxes[:, 0],
+            y0=boxes[:, 1],
+            x1=boxes[:, 2],
+            y1=boxes[:, 3],
+        )
+        kept = postprocess.suppress_overlaps(found["_crop"], self.settings.overlap_threshold)
+        found = found.filter(kept)
         if self.settings.exclusive_pixels:
-            crops = postprocess.exclusive_pixels(crops)
-        encoded = masks.encode_crops(crops, size)
-        nonempty = encoded.area > 0
-        encoded = encoded.filter(nonempty)
-        boxes, labels, scores = boxes[nonempty], labels[nonempty], scores[nonempty]
-        n = len(encoded)
-        return {
-            "n_empty_masks": int((~nonempty).sum()),
-            "n_suppressed": int((~kept).sum()),
-            "columns": {
-                "image_id": [row["image_id"]] * n,
-                "uri": [row["uri"]] * n,
-                "slide_id": [row["slide_id"]] * n,
-                "shard_id": [row["shard_id"]] * n,
-                "instance_id": np.arange(n, dtype=np.int32),
-                "label": labels.astype(np.int16),
-                "class_name": [self._class_name(int(k)) for k in labels],
-                "score": scores.astype(np.float32),
-                "x0": boxes[:, 0],
-                "y0": boxes[:, 1],
-                "x1": boxes[:, 2],
-                "y1": boxes[:, 3],
-                "area": encoded.area,
-                "centroid_x": encoded.centroid[:, 0],
-                "centroid_y": encoded.centroid[:, 1],
-                "perimeter": encoded.perimeter,
-                "height": np.full(n, size[0], np.int32),
-                "width": np.full(n, size[1], np.int32),
-                "rle": encoded.rle,
-                "polygon": encoded.polygon,
-            },
-        }
+            found["_crop"] = postprocess.exclusive_pixels(found["_crop"])
+        found.update(masks.encode_crops(found["_crop"], raw.size, raw.pixels))
+        nonempty = found["area"] > 0
+        found = found.filter(nonempty)
+        n = len(found)
+        found.update(
+            InstanceColumns(
+                length=n,
+                image_id=[row["image_id"]] * n,
+                uri=[row["uri"]] * n,
+                slide_id=[row["slide_id"]] * n,
+                shard_id=[row["shard_id"]] * n,
+                instance_id=np.arange(n, dtype=np.int32),
+                class_name=[self._class_name(int(k)) for k in found["label"]],
+                height=np.full(n, raw.size[0], np.int32),
+                width=np.full(n, raw.size[1], np.int32),
+            )
+        )
+        um = self.pixel_size_um(raw) or np.nan
+        found["area_um2"] = found["area"] * um**2
+        for name in ("perimeter", "axis_major_length", "axis_minor_length"):
+            found[f"{name}_um"] = found[name] * um
+        return found, {"n_empty_masks": int((~nonempty).sum()), "n_suppressed": int((~kept).sum())}
+
+    def pixel_size_um(self, raw: RawImage) -> float | None:
+        """The image's pixel size in µm: the run's ``--pixel-size-um``, else the file's, else None."""
+        return self.settings.pixel_size_um or raw.pixel_size_um
 
     def _class_name(self, label: int) -> str:
         classes = self.card.classes
@@ -199,24 +227,24 @@ class ShardProcessor:
         status: dict[int, dict[str, Any]] = {}
         encoded: dict[int, Future] = {}
         encoding: collections.deque[Future] = collections.deque()
-        buckets: dict[tuple[int, int], list[tuple[dict, np.ndarray]]] = {}
+        buckets: dict[tuple[int, int], list[tuple[dict, RawImage, np.ndarray]]] = {}
 
         def decode(row: dict):
             t = time.perf_counter()
-            result = read_and_decode(row["uri"], max_pixels=self.settings.max_pixels)
+            result = self.prepare(row["uri"])
             return result, time.perf_counter() - t
 
-        def run_batch(batch: list[tuple[dict, np.ndarray]]):
+        def run_batch(batch: list[tuple[dict, RawImage, np.ndarray]]):
             t = time.perf_counter()
-            results = self.infer([array for _, array in batch])
+            results = self.infer([array for _, _, array in batch])
             timings["infer_s"] += time.perf_counter() - t
-            for (row, array), result in zip(batch, results, strict=True):
+            for (row, raw, _), result in zip(batch, results, strict=True):
                 if isinstance(result, DecodeError):
                     status[row["image_id"]].update(status=result.kind, error=result.message)
                     continue
                 while len(encoding) >= self.prefetch:  # bounded encode queue
                     encoding.popleft().result()
-                future = self._encode_pool.submit(self._timed_encode, row, array.shape[:2], result)
+                future = self._encode_pool.submit(self._timed_encode, row, raw, result)
                 encoded[row["image_id"]] = future
                 encoding.append(future)
 
@@ -227,26 +255,32 @@ class ShardProcessor:
             if isinstance(result, DecodeError):
                 status[row["image_id"]] = {"status": result.kind, "error": result.message}
                 continue
-            status[row["image_id"]] = {"status": "ok", "height": result.shape[0], "width": result.shape[1]}
-            bucket = buckets.setdefault(result.shape[:2], [])
-            bucket.append((row, result))
+            raw, array = result
+            status[row["image_id"]] = {
+                "status": "ok",
+                "height": raw.size[0],
+                "width": raw.size[1],
+                "channels": list(raw.channel_names),
+                "pixel_size_um": self.pixel_size_um(raw),
+            }
+            bucket = buckets.setdefault(raw.size, [])
+            bucket.append((row, raw, array))
             if len(bucket) == self.settings.batch_size:
-                run_batch(buckets.pop(result.shape[:2]))
+                run_batch(buckets.pop(raw.size))
         for key in list(buckets):
             run_batch(buckets.pop(key))
 
-        instance_columns: dict[str, list] = collections.defaultdict(list)
+        parts: list[InstanceColumns] = []
         image_rows = []
         for row in rows:
             info = status[row["image_id"]]
-            n_instances = n_empty = n_suppressed = 0
+            dropped = {"n_empty_masks": 0, "n_suppressed": 0}
+            n_instances = 0
             if row["image_id"] in encoded:
-                result, seconds = encoded[row["image_id"]].result()
+                (found, dropped), seconds = encoded[row["image_id"]].result()
                 timings["encode_s"] += seconds
-                n_empty, n_suppressed = result["n_empty_masks"], result["n_suppressed"]
-                for name, values in result["columns"].items():
-                    instance_columns[name].append(values)
-                n_instances = len(result["columns"]["rle"])
+                parts.append(found)
+                n_instances = len(found)
             image_rows.append(
                 {
                     **{k: row[k] for k in ("image_id", "uri", "slide_id", "shard_id")},
@@ -255,11 +289,12 @@ class ShardProcessor:
                     "height": info.get("height"),
                     "width": info.get("width"),
                     "n_instances": n_instances,
-                    "n_empty_masks": n_empty,
-                    "n_suppressed": n_suppressed,
+                    **dropped,
+                    "channels": info.get("channels"),
+                    "pixel_size_um": info.get("pixel_size_um"),
                 }
             )
-        instances = _instances_table(instance_columns)
+        instances = InstanceColumns.to_table(parts, instances_schema())
         images = pa.Table.from_pylist(image_rows, schema=IMAGES)
         errors = collections.Counter(r["status"] for r in image_rows if r["status"] != "ok")
         summary = {
@@ -275,18 +310,6 @@ class ShardProcessor:
         }
         return ShardOutput(instances, images, summary)
 
-    def _timed_encode(self, row: dict, size, detections: Detections) -> tuple[dict[str, Any], float]:
+    def _timed_encode(self, row: dict, raw: RawImage, detections: Detections):
         t = time.perf_counter()
-        return self._encode(row, size, detections), time.perf_counter() - t
-
-
-def _instances_table(columns: dict[str, list]) -> pa.Table:
-    schema = instances_schema()
-    if not columns:
-        return schema.empty_table()
-    arrays = []
-    for field in schema:
-        parts = columns[field.name]
-        values = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [v for p in parts for v in p]
-        arrays.append(pa.array(values, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+        return self._encode(row, raw, detections), time.perf_counter() - t

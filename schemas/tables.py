@@ -6,6 +6,11 @@ x0, y0, x1, y1 in those coordinates (x1, y1 are the far edges).
 
 Every file carries its schema name and version in the Arrow metadata
 (``segpipe.schema``, ``segpipe.schema_version``); readers check the version.
+
+Versions: 1 (segpipe 0.1) had no shape or intensity features, no µm columns
+and no ``images.channels`` / ``images.pixel_size_um``; version 2 adds them.
+Readers of version 1 runs still read every column version 1 has; asking for
+a feature of a version 1 run says so.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+"""Schema versions the readers (stats, exports, evaluation, pictures) accept."""
 
 IMAGE_STATUSES = ("ok", "unreadable", "decode", "too_large", "unsupported", "inference")
 """``images.status`` values: ``ok`` or the kind of error that kept the image from being segmented.
@@ -70,6 +77,20 @@ IMAGES = _schema(
             pa.int32(),
             "detections dropped by mask-overlap suppression (duplicates and fragments)",
         ),
+        _field(
+            "channels",
+            pa.list_(pa.string()),
+            "the image's channel names as decoded (red/green/blue, gray, c0..., or OME names); "
+            "the intensity lists of its instances follow this order; null if not decoded",
+            nullable=True,
+        ),
+        _field(
+            "pixel_size_um",
+            pa.float64(),
+            "pixel size in µm: --pixel-size-um, else the file's metadata (OME PhysicalSizeX, TIFF "
+            "resolution in cm or ImageJ µm); null when unknown",
+            nullable=True,
+        ),
     ],
 )
 """``DEST/images/shard-NNNNN.parquet``: one row per input image of the shard, ok or not."""
@@ -93,6 +114,51 @@ INSTANCES = _schema(
         _field("centroid_x", pa.float64(), "mean x of mask pixel centres, px"),
         _field("centroid_y", pa.float64(), "mean y of mask pixel centres, px"),
         _field("perimeter", pa.float64(), "polygon boundary length incl. holes, px"),
+        _field(
+            "axis_major_length",
+            pa.float64(),
+            "px; major axis of the ellipse with the mask's second moments (regionprops)",
+        ),
+        _field("axis_minor_length", pa.float64(), "px; minor axis of that ellipse (regionprops)"),
+        _field("eccentricity", pa.float64(), "of that ellipse, 0 (circle) to 1 (line) (regionprops)"),
+        _field(
+            "orientation",
+            pa.float64(),
+            "radians in [-pi/2, pi/2]: angle from the row (y, down) axis to the major axis (regionprops)",
+        ),
+        _field(
+            "solidity",
+            pa.float64(),
+            "area / convex area (pixels whose centres are in the hull of the pixel-edge mid-points; "
+            "regionprops)",
+        ),
+        _field(
+            "circularity",
+            pa.float64(),
+            "4 pi area / perimeter^2 with regionprops' perimeter (not the polygon's); ~0.9 for a disc",
+        ),
+        _field(
+            "area_um2", pa.float64(), "area in µm² (images.pixel_size_um); null when unknown", nullable=True
+        ),
+        _field(
+            "perimeter_um",
+            pa.float64(),
+            "perimeter in µm; null when the pixel size is unknown",
+            nullable=True,
+        ),
+        _field("axis_major_length_um", pa.float64(), "major axis in µm; null when unknown", nullable=True),
+        _field("axis_minor_length_um", pa.float64(), "minor axis in µm; null when unknown", nullable=True),
+        _field(
+            "intensity_mean",
+            pa.list_(pa.float64()),
+            "mean raw value over the mask, one per channel (images.channels), native units",
+        ),
+        _field("intensity_std", pa.list_(pa.float64()), "population standard deviation, per channel"),
+        _field("intensity_min", pa.list_(pa.float64()), "minimum raw value, per channel"),
+        _field("intensity_max", pa.list_(pa.float64()), "maximum raw value, per channel"),
+        _field(
+            "intensity_integrated", pa.list_(pa.float64()), "sum of raw values over the mask, per channel"
+        ),
         _field("height", pa.int32(), "RLE size: image height, px"),
         _field("width", pa.int32(), "RLE size: image width, px"),
         _field("rle", pa.string(), "COCO compressed RLE counts (ASCII), column-major over height x width"),
@@ -134,9 +200,12 @@ def instances_schema() -> pa.Schema:
     return INSTANCES.with_metadata({**INSTANCES.metadata, **geo_metadata()})
 
 
-def check_version(schema: pa.Schema, name: str) -> None:
-    """Raise ValueError unless ``schema`` is table ``name`` at :data:`SCHEMA_VERSION`."""
+def check_version(schema: pa.Schema, name: str, accept: tuple[str, ...] = (SCHEMA_VERSION,)) -> str:
+    """The schema version of table ``name``; ValueError unless it is one of ``accept``."""
     meta = schema.metadata or {}
     got = (meta.get(b"segpipe.schema", b"?").decode(), meta.get(b"segpipe.schema_version", b"?").decode())
-    if got != (name, SCHEMA_VERSION):
-        raise ValueError(f"expected {name} schema version {SCHEMA_VERSION}, got {got[0]} version {got[1]}")
+    if got[0] != name or got[1] not in accept:
+        raise ValueError(
+            f"expected {name} schema version {' or '.join(accept)}, got {got[0]} version {got[1]}"
+        )
+    return got[1]

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import preprocess
 from pipeline.model import ModelCard, build_model, save_checkpoint
 from pipeline.synth import write_archive
 
@@ -118,6 +119,7 @@ def random_model_path(tmp_path_factory) -> Path:
         name="random-lite",
         architecture="maskrcnn_resnet18_fpn_lite",
         classes=("nucleus", "mitotic"),
+        preprocessing=preprocess.DEFAULT,
         score_threshold=0.0,
         max_detections=20,
     )

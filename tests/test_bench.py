@@ -21,8 +21,9 @@ def test_masks_benchmark_json_has_the_keys_and_checks_rle():
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["size"], r["instances"]) for r in rows] == [(128, 5), (96, 3)]
     for row in rows:
-        assert {"size", "instances", "reference_s", "pipeline_s", "speedup"} <= set(row)
-        assert row["reference_s"] > 0 and row["pipeline_s"] > 0
+        assert {"size", "instances", "reference_s", "pipeline_s", "speedup", "features_s"} <= set(row)
+        assert row["reference_s"] > 0 and row["pipeline_s"] > row["features_s"] > 0
+        assert row["feature_growth"] > 0
 
 
 def test_pipeline_benchmark_runs_on_a_tiny_input_and_reports_the_keys(random_model_path):
@@ -58,3 +59,38 @@ def test_pipeline_benchmark_rejects_a_bad_flag_in_one_line():
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--images" in result.stderr
+
+
+def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_path, tmp_path):
+    """Tiny archives, a random model: the table has a row per archive with both methods' scores."""
+    import cv2
+    import numpy as np
+
+    from pipeline.synth import SHIFTS
+
+    real = tmp_path / "real"
+    real.mkdir()
+    image = np.zeros((64, 64), np.uint8)
+    labels = np.zeros((64, 64), np.uint8)
+    for k, (x, y) in enumerate([(16, 16), (44, 20), (30, 46)], start=1):
+        cv2.circle(image, (x, y), 7, 200, -1)
+        cv2.circle(labels, (x, y), 7, k, -1)
+    cv2.imwrite(str(real / "a.png"), image)
+    cv2.imwrite(str(real / "a_labels.png"), labels)
+    flags = ["--slides", "1", "--tiles-per-slide", "2", "--size", "96", "--real", str(real), "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.bench", "robustness", "--model", str(random_model_path), *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["archive"] for r in rows] == ["in-distribution", *SHIFTS, "real: real"]
+    for row in rows:
+        assert {"AP50", "AP", "count_mae", "baseline_AP50", "baseline_count_mae"} <= set(row)
+        assert 0 <= row["AP50"] <= 1 and row["images"] >= 1
+    assert rows[-1]["truth"] == 3 and rows[-1]["images"] == 1
+    # Three well-separated bright discs: the threshold baseline finds them exactly.
+    assert rows[-1]["baseline_AP50"] == 1.0 and rows[-1]["baseline_count_mae"] == 0

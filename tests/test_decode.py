@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 
+import cv2
 import numpy as np
 import pytest
+import tifffile
 
-from pipeline.decode import DecodeError, read_and_decode, sniff_format
+from pipeline.decode import DecodeError, RawImage, decode_image, read_and_decode, sniff_format
 from tests.corpus import MAX_PIXELS, exif_rotated_jpeg, write_corpus
 
 
@@ -25,8 +28,9 @@ def test_every_corpus_file_gets_its_status_and_size(corpus):
             warnings.simplefilter("error")
             result = read_and_decode(str(root / name), max_pixels=MAX_PIXELS)
         if want.status == "ok":
-            assert isinstance(result, np.ndarray), (name, result)
-            assert result.shape == (*want.size, 3) and result.dtype == np.uint8, name
+            assert isinstance(result, RawImage), (name, result)
+            assert result.size == want.size and result.pixels.ndim == 3, name
+            assert len(result.channel_names) == result.pixels.shape[2] in (1, 3), name
         else:
             assert isinstance(result, DecodeError) and result.kind == want.status, (name, result)
             assert result.message and "\n" not in result.message
@@ -35,18 +39,63 @@ def test_every_corpus_file_gets_its_status_and_size(corpus):
 def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "r.jpg"
     path.write_bytes(exif_rotated_jpeg())
-    upright = read_and_decode(str(path), max_pixels=MAX_PIXELS)
+    upright = read_and_decode(str(path), max_pixels=MAX_PIXELS).pixels
     # Stored: red left half of a 40 x 20 image. Rotated 90° clockwise, red is the top half.
     assert upright.shape == (40, 20, 3)
     assert upright[:18, :, 0].mean() > 200 and upright[:18, :, 1].mean() < 50
     assert upright[22:, :, 0].mean() < 50
 
 
-def test_high_bit_depth_and_float_policy(corpus):
+def test_native_bit_depth_is_kept(corpus):
     root, _ = corpus
-    assert (read_and_decode(str(root / "odd/gray16.tif"), max_pixels=MAX_PIXELS) == 255).all()
-    assert (read_and_decode(str(root / "odd/rgb16.tiff"), max_pixels=MAX_PIXELS) == 128).all()
-    assert (read_and_decode(str(root / "odd/float.tif"), max_pixels=MAX_PIXELS) == 128).all()
+    gray16 = read_and_decode(str(root / "odd/gray16.tif"), max_pixels=MAX_PIXELS)
+    assert gray16.pixels.dtype == np.uint16 and gray16.pixels.shape == (16, 16, 1)
+    assert (gray16.pixels == 65535).all() and gray16.channel_names == ("gray",)
+    rgb16 = read_and_decode(str(root / "odd/rgb16.tiff"), max_pixels=MAX_PIXELS)
+    assert rgb16.pixels.dtype == np.uint16 and (rgb16.pixels == 32768).all()
+    assert rgb16.channel_names == ("red", "green", "blue")
+    floats = read_and_decode(str(root / "odd/float.tif"), max_pixels=MAX_PIXELS)
+    assert floats.pixels.dtype == np.float32 and (floats.pixels == 0.5).all()
+    gray8 = read_and_decode(str(root / "odd/gray.png"), max_pixels=MAX_PIXELS)
+    assert gray8.pixels.dtype == np.uint8 and gray8.pixels.shape == (24, 32, 1)
+
+
+def _tiff(array: np.ndarray, **kwargs) -> bytes:
+    out = io.BytesIO()
+    tifffile.imwrite(out, array, **kwargs)
+    return out.getvalue()
+
+
+def test_a_12_bit_camera_png_keeps_its_values(tmp_path):
+    values = (np.arange(40 * 50).reshape(40, 50) % 4096).astype(np.uint16)
+    path = tmp_path / "camera.png"
+    cv2.imwrite(str(path), values)
+    raw = read_and_decode(str(path), max_pixels=MAX_PIXELS)
+    assert raw.pixels.dtype == np.uint16 and np.array_equal(raw.pixels[..., 0], values)
+
+
+def test_ome_tiff_channels_keep_their_names_and_values():
+    stack = np.arange(3 * 20 * 30, dtype=np.uint16).reshape(3, 20, 30)
+    data = _tiff(stack, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "GFP", "RFP"]}})
+    raw = decode_image(data, max_pixels=MAX_PIXELS)
+    assert raw.channel_names == ("DAPI", "GFP", "RFP")
+    assert np.array_equal(raw.pixels, stack.transpose(1, 2, 0))
+
+
+def test_a_hyperstack_gives_its_first_plane_with_every_channel():
+    stack = np.random.default_rng(0).integers(0, 4096, (2, 4, 3, 20, 30), dtype=np.uint16)
+    raw = decode_image(_tiff(stack, imagej=True, metadata={"axes": "TZCYX"}), max_pixels=MAX_PIXELS)
+    assert raw.channel_names == ("c0", "c1", "c2")
+    assert np.array_equal(raw.pixels, stack[0, 0].transpose(1, 2, 0))
+
+
+def test_planar_rgb_and_compressed_tiffs():
+    rgb = np.random.default_rng(1).integers(0, 65535, (20, 30, 3), dtype=np.uint16)
+    planar = _tiff(rgb.transpose(2, 0, 1).copy(), photometric="rgb", planarconfig="separate")
+    assert np.array_equal(decode_image(planar, max_pixels=MAX_PIXELS).pixels, rgb)
+    for compression in ("lzw", "zlib", "zstd"):
+        data = _tiff(rgb[..., 0], compression=compression)
+        assert np.array_equal(decode_image(data, max_pixels=MAX_PIXELS).pixels[..., 0], rgb[..., 0])
 
 
 def test_a_missing_file_is_unreadable_without_retries(tmp_path):

@@ -66,6 +66,12 @@ def write_run_from_ground_truth(archive, dest, drop_every: int | None = None, sc
                 n_suppressed=0,
             )
         )
+    # Measurements the scores never read: zeros, empty channel lists, nulls.
+    rows = len(columns["rle"])
+    for field in instances_schema():
+        if not columns[field.name]:
+            filler = None if field.nullable else [] if pa.types.is_list(field.type) else 0.0
+            columns[field.name] = [filler] * rows
     instances = pa.table(columns, schema=instances_schema())
     commit.commit_shard(str(dest), 0, instances, pa.Table.from_pylist(image_rows, schema=IMAGES), {})
     commit.write_json(

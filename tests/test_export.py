@@ -121,7 +121,15 @@ def test_geojson_is_qupath_shaped_and_every_geometry_valid(segmented_run, tmp_pa
         assert props["objectType"] == "detection"
         assert props["classification"]["name"] in ("nucleus", "mitotic")
         assert len(props["classification"]["color"]) == 3
-        assert {"area", "perimeter", "score"} <= set(props["measurements"])
+        measured = props["measurements"]
+        assert {"area", "perimeter", "score", "solidity", "eccentricity", "intensity_mean[0]"} <= set(
+            measured
+        )
+        row = instances[
+            (instances["uri"] == props["image"]) & (instances["instance_id"] == props["instance_id"])
+        ]
+        assert measured["solidity"] == pytest.approx(row["solidity"].item())
+        assert measured["intensity_mean[0]"] == pytest.approx(row["intensity_mean"].item()[0])
 
 
 def test_geojson_of_an_unknown_slide_is_a_clear_error(segmented_run):

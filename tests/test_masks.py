@@ -15,13 +15,14 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from pipeline import masks
-from pipeline.masks import Crop, InstanceMasks, encode, paste, paste_batched
+from pipeline.columns import InstanceColumns
+from pipeline.masks import Crop, encode, paste, paste_batched
 
 
 def polygon_of(crop: Crop):
     """The polygon :func:`masks.encode_crops` stores for one crop, as a shapely geometry."""
     h, w = crop.mask.shape
-    return shapely.from_wkb(masks.encode_crops([crop], (crop.y0 + h, crop.x0 + w)).polygon[0])
+    return shapely.from_wkb(masks.encode_crops([crop], (crop.y0 + h, crop.x0 + w))["polygon"][0])
 
 
 def reference_mask(probs, boxes, i, size, threshold):
@@ -95,12 +96,12 @@ def test_rle_is_byte_identical_to_pycocotools_of_torchvision_paste(case):
             # torchvision's slicing raises for some boxes wholly outside the image;
             # their pasting box has no pixel inside, and we return an empty crop.
             assert crop.mask.size == 0
-            assert encoded.area[i] == 0
+            assert encoded["area"][i] == 0
             continue
         expected = mask_utils.encode(np.asfortranarray(reference.astype(np.uint8)))
-        assert encoded.rle[i] == expected["counts"].decode("ascii")
-        assert encoded.area[i] == mask_utils.area(expected)
-        decoded = mask_utils.decode({"size": list(size), "counts": encoded.rle[i]})
+        assert encoded["rle"][i] == expected["counts"].decode("ascii")
+        assert encoded["area"][i] == mask_utils.area(expected)
+        decoded = mask_utils.decode({"size": list(size), "counts": encoded["rle"][i]})
         assert np.array_equal(decoded.astype(bool), reference)
         assert np.array_equal(ours, reference)
 
@@ -135,7 +136,7 @@ def test_cuda_batched_paste_matches_cpu():
     boxes = torch.tensor(np.concatenate([xy, xy + wh], 1), dtype=torch.float32)
     cpu = encode(probs, boxes, size, 0.5)
     cuda = encode(probs.cuda(), boxes.cuda(), size, 0.5)
-    differing = [i for i in range(n) if cpu.rle[i] != cuda.rle[i]]
+    differing = [i for i in range(n) if cpu["rle"][i] != cuda["rle"][i]]
     # Only pixels whose probability is within float rounding of the threshold may flip.
     assert len(differing) <= n // 100
 
@@ -146,7 +147,7 @@ def test_rle_of_full_height_crop_spans_columns():
     crop = Crop(mask, x0=2, y0=0)
     full = full_mask(crop, (5, 8))
     expected = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode()
-    assert masks.encode_crops([crop], (5, 8)).rle[0] == expected
+    assert masks.encode_crops([crop], (5, 8))["rle"][0] == expected
 
 
 def test_filter_keeps_fields_aligned():
@@ -156,12 +157,13 @@ def test_filter_keeps_fields_aligned():
         Crop(np.ones((1, 3), bool), 5, 1),
     ]
     encoded = masks.encode_crops(crops, (10, 10))
-    kept = encoded.filter(encoded.area > 0)
-    assert isinstance(kept, InstanceMasks)
+    kept = encoded.filter(encoded["area"] > 0)
+    assert isinstance(kept, InstanceColumns)
     assert len(kept) == 2
-    assert kept.area.tolist() == [4, 3]
-    assert kept.rle == [encoded.rle[0], encoded.rle[2]]
-    assert kept.polygon == [encoded.polygon[0], encoded.polygon[2]]
+    assert kept["area"].tolist() == [4, 3]
+    assert kept["rle"] == [encoded["rle"][0], encoded["rle"][2]]
+    assert kept["polygon"] == [encoded["polygon"][0], encoded["polygon"][2]]
+    assert kept["solidity"].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="expected"):
         encoded.filter(np.ones(2, bool))
 
@@ -170,10 +172,11 @@ def test_empty_mask_is_reported_not_invented():
     """An all-zero mask keeps its slot with area 0, an empty RLE and an empty polygon."""
     probs = torch.zeros((1, 28, 28))
     encoded = encode(probs, torch.tensor([[10.0, 10.0, 30.0, 30.0]]), (64, 64), 0.5)
-    assert encoded.area.tolist() == [0]
-    assert mask_utils.decode({"size": [64, 64], "counts": encoded.rle[0]}).sum() == 0
-    assert shapely.from_wkb(encoded.polygon[0]).is_empty
-    assert np.isnan(encoded.centroid[0]).all()
+    assert encoded["area"].tolist() == [0]
+    assert mask_utils.decode({"size": [64, 64], "counts": encoded["rle"][0]}).sum() == 0
+    assert shapely.from_wkb(encoded["polygon"][0]).is_empty
+    assert np.isnan(encoded["centroid_x"][0]) and np.isnan(encoded["centroid_y"][0])
+    assert np.isnan(encoded["solidity"][0]) and np.isnan(encoded["axis_major_length"][0])
 
 
 def rasterize(geometry, size) -> np.ndarray:
@@ -236,19 +239,21 @@ def test_crops_encoded_together_equal_references_and_each_alone(case):
     for i, crop in enumerate(crops):
         full = full_mask(crop, size)
         expected = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))
-        assert together.rle[i] == expected["counts"].decode("ascii")
-        assert together.area[i] == full.sum()
+        assert together["rle"][i] == expected["counts"].decode("ascii")
+        assert together["area"][i] == full.sum()
+        centroid = [together["centroid_x"][i], together["centroid_y"][i]]
         if full.any():
             rows, cols = np.nonzero(full)
             box = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
-            assert together.mask_box[i].tolist() == box
-            np.testing.assert_allclose(together.centroid[i], [cols.mean() + 0.5, rows.mean() + 0.5])
+            assert together["_mask_box"][i].tolist() == box
+            np.testing.assert_allclose(centroid, [cols.mean() + 0.5, rows.mean() + 0.5])
         else:
-            assert together.mask_box[i].tolist() == [0, 0, 0, 0]
-            assert np.isnan(together.centroid[i]).all()
+            assert together["_mask_box"][i].tolist() == [0, 0, 0, 0]
+            assert np.isnan(centroid).all()
         alone = masks.encode_crops([crop], size)
-        assert together.polygon[i] == alone.polygon[0]
-        assert together.perimeter[i] == alone.perimeter[0]
+        assert together["polygon"][i] == alone["polygon"][0]
+        for name in ("perimeter", "solidity", "orientation", "axis_major_length"):
+            assert np.array_equal(together[name][i], alone[name][0], equal_nan=True), name
 
 
 def test_repair_makes_invalid_geometries_valid_and_leaves_valid_ones_alone():
@@ -304,5 +309,5 @@ def test_work_is_box_local_on_a_huge_image():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 20 * 2**20, f"peak traced allocation {peak / 2**20:.1f} MiB"
-    assert (encoded.area > 0).all()
-    assert (encoded.area <= 43 * 43).all()
+    assert (encoded["area"] > 0).all()
+    assert (encoded["area"] <= 43 * 43).all()

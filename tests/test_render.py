@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.render import FILL_ALPHA, contact_sheet, instance_colour
+from pipeline.decode import read_and_decode
+from pipeline.render import FILL_ALPHA, contact_sheet, for_display, instance_colour
 from tests.conftest import REPO
 
 
@@ -26,7 +27,7 @@ def test_render_writes_the_tile_with_instance_colours(segmented_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     picture = cv2.cvtColor(cv2.imread(str(output)), cv2.COLOR_BGR2RGB)
-    original = cv2.cvtColor(cv2.imread(uri), cv2.COLOR_BGR2RGB)
+    original = for_display(read_and_decode(uri, max_pixels=10**8))
     assert picture.shape == original.shape
     assert not np.array_equal(picture, original)
     # Pixels outside every instance keep the original; white outlines are drawn.
@@ -56,6 +57,8 @@ def test_contact_sheet_and_histogram(segmented_run, tmp_path):
             "--labels",
             "--histogram",
             str(histogram),
+            "--feature",
+            "intensity_mean[0]",
         ],
         capture_output=True,
         text=True,

@@ -21,11 +21,12 @@ from pycocotools import mask as mask_utils
 from jobs import segment as segment_job
 from jobs import stats as stats_job
 from pipeline import segment
-from pipeline.decode import read_and_decode
 from pipeline.export import geojson
-from pipeline.model import load_model
+from pipeline.model import resolve_model
 from pipeline.stats import per_slide
+from pipeline.synth import tile_paths
 from tests.conftest import REPO
+from tests.helpers import prepared_tensor
 
 PLAIN = ["--shard-size", 4, "--batch-size", 1, "--overlap-suppression", 1, "--no-exclusive-pixels"]
 """Settings under which the rows must equal torchvision's own forward() (post-processing off)."""
@@ -50,7 +51,7 @@ def test_every_image_once_and_instances_are_consistent(finished_run, archive):
     manifest = pd.read_parquet(finished_run / "manifest.parquet")
     images = read(finished_run, "images")
     instances = pd.read_parquet(finished_run / "instances")
-    assert sorted(images["uri"]) == sorted(manifest["uri"]) == sorted(str(p) for p in archive.rglob("*.png"))
+    assert sorted(images["uri"]) == sorted(manifest["uri"]) == [str(p) for p in tile_paths(archive)]
     assert images["uri"].is_unique
     assert (images["status"] == "ok").all()
     assert len(instances) == images["n_instances"].sum() > 0
@@ -67,7 +68,7 @@ def test_every_image_once_and_instances_are_consistent(finished_run, archive):
 
 def test_files_carry_schema_version_and_geoparquet_metadata(finished_run):
     meta = pq.read_schema(finished_run / "instances" / "shard-00000.parquet").metadata
-    assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"1"
+    assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"2"
     geo = json.loads(meta[b"geo"])
     assert geo["primary_column"] == "polygon" and geo["columns"]["polygon"]["encoding"] == "WKB"
     marker = json.loads((finished_run / "_commits" / "shard-00000.json").read_text())
@@ -83,12 +84,12 @@ def test_rows_equal_torchvision_forward_pasted_and_encoded(finished_run, random_
 
     ``MaskRCNN.forward`` pastes with ``paste_masks_in_image``; the job never does.
     """
-    model = load_model(str(random_model_path))
+    loaded = resolve_model(str(random_model_path))
+    model = loaded.module
     instances = pd.read_parquet(finished_run / "instances")
     for image in read(finished_run, "images").itertuples():
-        array = read_and_decode(image.uri, max_pixels=10**8)
         with torch.inference_mode():
-            out = model([torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)])[0]
+            out = model([prepared_tensor(image.uri, loaded.card.preprocessing)])[0]
         full = (out["masks"][:, 0] >= 0.5).numpy()
         expected = [
             mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
@@ -160,7 +161,7 @@ def test_failing_shard_is_retried_then_failed_with_resume_command(
 
 def test_s3_source_and_destination(ray_local, archive, random_model_path, s3_bucket):
     fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http")
-    for path in sorted(archive.rglob("*.png")):
+    for path in tile_paths(archive):
         with fs.open_output_stream(f"{s3_bucket}/slides/{path.relative_to(archive)}") as out:
             out.write(path.read_bytes())
     dest = f"s3://{s3_bucket}/runs/r1"
@@ -236,14 +237,13 @@ def test_dense_post_processing_accounts_for_every_detection(ray_local, archive, 
         1,
     ]
     assert run(archive, "--output", dest, *args) == 0
-    model = load_model(str(random_model_path))
+    loaded = resolve_model(str(random_model_path))
     instances = pd.read_parquet(dest / "instances")
     images = read(dest, "images")
     assert images["n_suppressed"].sum() > 0
     for image in images.itertuples():
-        array = read_and_decode(image.uri, max_pixels=10**8)
         with torch.inference_mode():
-            out = model([torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)])[0]
+            out = loaded.module([prepared_tensor(image.uri, loaded.card.preprocessing)])[0]
         assert image.n_instances + image.n_empty_masks + image.n_suppressed == len(out["boxes"])
         rows = instances[instances["image_id"] == image.image_id]
         decoded = [

@@ -83,3 +83,98 @@ def test_class_filter_and_by_image(tables):
     }
     with pytest.raises(ValueError, match="unknown class"):
         summarize(instances, images, class_name="cell")
+
+
+def test_features_give_per_slide_mean_and_median_per_channel(tables):
+    instances, images = tables
+    rng = np.random.default_rng(1)
+    instances = instances.assign(
+        solidity=rng.uniform(0.6, 1, len(instances)),
+        intensity_mean=[rng.uniform(0, 4000, 2) for _ in range(len(instances))],
+    )
+    images = images.assign(channels=[["DAPI", "GFP"]] * len(images))
+    table = summarize(instances, images, features=["solidity", "intensity_mean"])
+    table = table.set_index(["slide_id", "class_name"])
+    dapi = instances["intensity_mean"].str[0]
+    for key, group in instances.groupby(["slide_id", "class_name"]):
+        assert table.loc[key, "solidity_mean"] == pytest.approx(group["solidity"].mean())
+        assert table.loc[key, "solidity_median"] == pytest.approx(group["solidity"].median())
+        assert table.loc[key, "intensity_mean[DAPI]_median"] == pytest.approx(dapi[group.index].median())
+        gfp = group["intensity_mean"].str[1]
+        assert table.loc[key, "intensity_mean[GFP]_mean"] == pytest.approx(gfp.mean())
+    one = summarize(instances, images, features=["intensity_mean[1]"])
+    assert "intensity_mean[GFP]_mean" in one.columns and "intensity_mean[DAPI]_mean" not in one.columns
+    for bad, message in (
+        ("intensity_mean[Cy5]", "no channel 'Cy5'"),
+        ("roundness", "unknown feature"),
+        ("solidity[0]", "has no channels"),
+        ("class_name", "unknown feature"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            summarize(instances, images, features=[bad])
+
+
+def test_stats_features_on_a_real_run_and_a_clear_no_for_unknown_ones(segmented_run):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def stats(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.stats", str(segmented_run), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+
+    ok = stats("--features", "solidity,eccentricity,intensity_mean[0]")
+    assert ok.returncode == 0, ok.stderr
+    assert "solidity_mean" in ok.stdout and "intensity_mean[0]_median" in ok.stdout
+    bad = stats("--features", "roundness")
+    assert bad.returncode == 2 and "unknown feature 'roundness'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_version_1_run_still_reads_and_says_why_it_has_no_features(segmented_run, tmp_path):
+    """An old run: tables without the feature columns, schema version 1 in their metadata."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.stats import per_slide
+
+    old = tmp_path / "old"
+    shutil.copytree(segmented_run, old)
+    for table_name in ("instances", "images"):
+        for path in (old / table_name).glob("*.parquet"):
+            table = pq.read_table(path)
+            keep = [n for n in table.schema.names if n not in V2_ONLY]
+            meta = {**table.schema.metadata, b"segpipe.schema_version": b"1"}
+            pq.write_table(table.select(keep).replace_schema_metadata(meta), path)
+    table = per_slide(str(old))
+    assert table["count"].sum() == pq.read_table(segmented_run / "instances").num_rows
+    with pytest.raises(ValueError, match="schema version 1"):
+        per_slide(str(old), features=["solidity"])
+
+
+V2_ONLY = {
+    "axis_major_length",
+    "axis_minor_length",
+    "eccentricity",
+    "orientation",
+    "solidity",
+    "circularity",
+    "area_um2",
+    "perimeter_um",
+    "axis_major_length_um",
+    "axis_minor_length_um",
+    "intensity_mean",
+    "intensity_std",
+    "intensity_min",
+    "intensity_max",
+    "intensity_integrated",
+    "channels",
+    "pixel_size_um",
+}

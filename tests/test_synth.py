@@ -1,52 +1,87 @@
-"""The synthetic archive: deterministic, exact ground truth, visible-region ownership."""
+"""The synthetic archive: deterministic, exact ground truth, visible-region ownership, randomised looks."""
 
 from __future__ import annotations
 
 import json
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.synth import MAX_HIDDEN_FRACTION, render_tile, write_archive
+from pipeline.decode import decode_image
+from pipeline.synth import FILE_TYPES, MAX_HIDDEN_FRACTION, SHIFTS, TRAINING, render_tile, write_archive
 
 
 def test_ground_truth_round_trips_to_the_drawn_masks(tmp_path):
-    coco_path = write_archive(tmp_path, slides=2, tiles_per_slide=2, size=128, seed=3)
+    coco_path = write_archive(tmp_path, slides=2, tiles_per_slide=3, size=128, seed=3)
     coco = json.loads(coco_path.read_text())
-    assert [c["name"] for c in coco["categories"]] == ["nucleus", "mitotic"]
-    assert len(coco["images"]) == 4
+    assert [c["name"] for c in coco["categories"]] == ["nucleus"]
+    assert len(coco["images"]) == 6
     for info in coco["images"]:
         slide, tile = (int(part.split("-")[1].split(".")[0]) for part in info["file_name"].split("/"))
-        image, instances, labels = render_tile(3, slide, tile, 128)
-        on_disk = cv2.imread(str(tmp_path / info["file_name"]))[..., ::-1]
-        assert np.array_equal(on_disk, image)
+        rendered = render_tile(3, slide, tile, 128)
+        assert info["file_name"].endswith(rendered.suffix)
+        on_disk = decode_image((tmp_path / info["file_name"]).read_bytes(), max_pixels=10**6).pixels
+        expected = rendered.pixels if rendered.pixels.ndim == 3 else rendered.pixels[..., None]
+        assert on_disk.dtype == expected.dtype and np.array_equal(on_disk, expected)
         anns = [a for a in coco["annotations"] if a["image_id"] == info["id"]]
-        assert len(anns) == len(labels) > 0
+        assert len(anns) == len(rendered.labels)
         union = np.zeros((128, 128), np.uint8)
         for k, ann in enumerate(anns, start=1):
             decoded = mask_utils.decode(ann["segmentation"])
-            assert np.array_equal(decoded.astype(bool), instances == k)
-            assert ann["area"] == decoded.sum() and ann["category_id"] == labels[k - 1]
+            assert np.array_equal(decoded.astype(bool), rendered.instances == k)
+            assert ann["area"] == decoded.sum() and ann["category_id"] == 1
             union += decoded
-        assert union.max() == 1  # one owner per pixel
+        assert union.max(initial=0) <= 1  # one owner per pixel
 
 
 def test_tiles_are_deterministic_per_seed():
     a = render_tile(0, 1, 2, 96)
     b = render_tile(0, 1, 2, 96)
     c = render_tile(1, 1, 2, 96)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
-    assert not np.array_equal(a[0], c[0])
+    assert np.array_equal(a.pixels, b.pixels) and np.array_equal(a.instances, b.instances)
+    assert not np.array_equal(a.instances, c.instances)
 
 
-def test_both_classes_and_touching_nuclei_occur():
-    labels_seen, touching = set(), 0
-    for tile in range(12):
-        _, instances, labels = render_tile(0, 0, tile, 256)
-        labels_seen |= set(labels)
+def test_tiles_vary_in_file_type_size_brightness_and_touch():
+    """Domain randomisation: every file type, nuclei 8-50 px across, a 10x brightness range, clumps."""
+    types, diameters, touching, ratios = set(), [], 0, []
+    for tile in range(40):
+        rendered = render_tile(0, 0, tile, 256)
+        types.add(rendered.file_type)
+        instances = rendered.instances
         right = (instances[:, 1:] != instances[:, :-1]) & (instances[:, 1:] > 0) & (instances[:, :-1] > 0)
         touching += int(right.any())
-    assert labels_seen == {1, 2}
-    assert touching >= 6
+        areas = np.bincount(instances.ravel())[1:]
+        diameters += list(2 * np.sqrt(areas[areas > 0] / np.pi))
+        gray = rendered.pixels.max(axis=2) if rendered.pixels.ndim == 3 else rendered.pixels
+        means = np.array([gray[instances == k].mean() for k in range(1, len(areas) + 1) if areas[k - 1] > 30])
+        if len(means) >= 8:
+            background = np.percentile(gray[instances == 0], 20)
+            above = np.sort(means - background)
+            ratios.append(above[-1] / max(above[0], 1e-9))
+    assert types == set(FILE_TYPES)
+    assert touching >= 20
+    assert np.percentile(diameters, 2) < 10 and np.percentile(diameters, 99.5) > 40
+    # Mean intensities include blur, glow and background, so the drawn 10-15x spread shows somewhat less.
+    assert np.median(ratios) >= 5, ratios
+
+
+def test_low_range_16_bit_tiles_use_a_small_part_of_the_type():
+    for tile in range(30):
+        rendered = render_tile(0, 0, tile, 128)
+        if rendered.file_type == "gray16_low":
+            assert rendered.pixels.dtype == np.uint16 and rendered.pixels.max() <= TRAINING.low_range_max[1]
+    shifted = render_tile(0, 0, 0, 128, SHIFTS["low_range16"])
+    assert shifted.file_type == "gray16_low" and shifted.pixels.max() <= 120
+
+
+def test_shifts_lie_outside_the_training_ranges():
+    for name, look in SHIFTS.items():
+        outside = [
+            field
+            for field in ("radius", "spread", "blur", "snr", "low_range_max")
+            if getattr(look, field)[0] > getattr(TRAINING, field)[1]
+            or getattr(look, field)[1] < getattr(TRAINING, field)[0]
+        ]
+        assert outside, f"shift {name} lies inside the training ranges"
     assert 0 < MAX_HIDDEN_FRACTION < 0.5

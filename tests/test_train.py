@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.model import resolve_model
-from pipeline.train import CocoTiles, TrainConfig, train
+from pipeline.preprocess import Preprocessing
+from pipeline.train import CocoTiles, TrainConfig, augment, train
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,9 @@ def test_loss_falls_and_checkpoint_loads_weights_only(tiny_archive, tmp_path):
     summary = train(config(root, annotations, tmp_path / "m.pt"), progress=False)
     assert summary["last.total"] < summary["first.total"]
     loaded = resolve_model(str(tmp_path / "m.pt"))
-    assert loaded.card.classes == ("nucleus", "mitotic")
+    assert loaded.card.classes == ("nucleus",)
     assert loaded.card.training["steps"] == 12
+    assert loaded.card.preprocessing == Preprocessing(channel="max", normalize="percentile")
     assert not (tmp_path / "m.pt.train-state").exists()
 
 
@@ -94,3 +97,24 @@ def test_fine_tuning_keeps_backbone_and_replaces_predictors(tiny_archive, tmp_pa
     assert torch.equal(
         before["backbone.body.layer1.0.conv1.weight"], after["backbone.body.layer1.0.conv1.weight"]
     )
+
+
+def test_augmentation_moves_masks_with_the_image_and_varies_appearance():
+    """Each mask stays on its own bright object through flips, rotations and scale jitter."""
+    image = np.zeros((64, 80, 1), np.float32)
+    masks = np.zeros((2, 64, 80), np.uint8)
+    image[10:20, 10:30] = 0.9
+    masks[0, 10:20, 10:30] = 1
+    image[40:60, 50:70] = 0.5
+    masks[1, 40:60, 50:70] = 1
+    looks = set()
+    for seed in range(20):
+        out, out_masks = augment(image, masks, np.random.default_rng(seed))
+        assert out.shape[:2] == out_masks.shape[1:] and out.dtype == np.float32
+        assert out.min() >= 0 and out.max() <= 1
+        inside = [out[..., 0][m.astype(bool)].mean() for m in out_masks]
+        outside = out[..., 0][~out_masks.any(0)].mean()
+        assert min(inside) > outside + 0.1, seed
+        assert out_masks[0].sum() > 0.4 * 200 and out_masks[1].sum() > 0.4 * 400
+        looks.add(round(float(inside[0]), 2))
+    assert len(looks) > 10  # gamma, contrast, noise and blur change the appearance

@@ -9,19 +9,27 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from pipeline import infer
-from pipeline.decode import read_and_decode
 from pipeline.model import resolve_model
+from pipeline.synth import tile_paths
 from pipeline.worker import InferenceSettings, ShardProcessor, bounded_map
+from schemas import instances_schema
+from tests.helpers import prepared_tensor
 
 
 @pytest.fixture(scope="module")
 def processor(random_model_path):
     loaded = resolve_model(str(random_model_path))
     settings = InferenceSettings(
-        score_threshold=0.0, mask_threshold=0.5, max_detections=10, batch_size=2, max_pixels=200 * 200
+        score_threshold=0.0,
+        mask_threshold=0.5,
+        max_detections=10,
+        batch_size=2,
+        max_pixels=200 * 200,
+        preprocessing=loaded.card.preprocessing,
     )
     return ShardProcessor(loaded.card, loaded.module.state_dict(), settings)
 
@@ -31,7 +39,7 @@ def rows_for(paths):
 
 
 def test_bad_images_become_error_rows_and_the_rest_is_processed(processor, archive, tmp_path):
-    good = sorted(archive.rglob("*.png"))[:2]
+    good = tile_paths(archive)[:2]
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("<html>not an image</html>")
     truncated = tmp_path / "truncated.png"
@@ -58,10 +66,9 @@ def test_bad_images_become_error_rows_and_the_rest_is_processed(processor, archi
 
 
 def test_an_image_the_model_raises_on_is_isolated(processor, archive, monkeypatch):
-    paths = sorted(archive.rglob("*.png"))[:3]
+    paths = tile_paths(archive)[:3]
     real_detect = infer.detect
-    array = read_and_decode(str(paths[1]), max_pixels=10**6)
-    bad_sum = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255).sum()
+    bad_sum = prepared_tensor(str(paths[1]), processor.settings.preprocessing).sum()
 
     def detect_failing_on_one(model, images, **kwargs):
         if any(torch.isclose(img.sum(), bad_sum) for img in images):
@@ -95,3 +102,37 @@ def test_bounded_map_keeps_at_most_depth_in_flight_and_order():
             time.sleep(0.005)  # a slow consumer must not let work pile up
     assert consumed == [2 * x for x in range(40)]
     assert peak <= 3
+
+
+def test_the_replica_writes_the_instances_schema_with_raw_intensities_per_channel(
+    processor, archive, tmp_path
+):
+    """Every schema field, intensities on the raw 16-bit values of each channel, µm where known."""
+    rng = np.random.default_rng(0)
+    stack = rng.integers(1000, 3000, (2, 96, 96), dtype=np.uint16)
+    stack[1] //= 2
+    ome = tmp_path / "two-channels.ome.tif"
+    metadata = {"axes": "CYX", "Channel": {"Name": ["DAPI", "GFP"]}, "PhysicalSizeX": 0.5}
+    tifffile.imwrite(ome, stack, ome=True, metadata=metadata)
+    paths = [*tile_paths(archive)[:2], ome]
+    output = processor.process(rows_for(paths))
+    table = output.instances
+    assert table.schema.equals(instances_schema(), check_metadata=True)
+    images = output.images.to_pylist()
+    assert images[2]["channels"] == ["DAPI", "GFP"] and images[2]["pixel_size_um"] == 0.5
+    assert images[0]["pixel_size_um"] is None
+    rows = table.to_pylist()
+    assert {r["image_id"] for r in rows} == {0, 1, 2}
+    for row in rows:
+        channels = images[row["image_id"]]["channels"]
+        assert len(row["intensity_mean"]) == len(channels)
+        if row["image_id"] == 2:
+            assert (
+                1000 <= row["intensity_min"][0] <= row["intensity_mean"][0] <= row["intensity_max"][0] < 3000
+            )
+            assert row["intensity_mean"][1] < row["intensity_mean"][0]
+            assert row["intensity_integrated"][0] == pytest.approx(row["intensity_mean"][0] * row["area"])
+            assert row["area_um2"] == pytest.approx(row["area"] * 0.25)
+            assert row["axis_major_length_um"] == pytest.approx(row["axis_major_length"] * 0.5)
+        else:
+            assert row["area_um2"] is None and row["perimeter_um"] is None
