@@ -3,6 +3,7 @@
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
 python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR] [--json]
+python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import platform
 import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
-
 from jobs._cli import ArgumentParser
-from pipeline.bench import MASK_CASES, bench_masks, bench_pipeline, bench_robustness
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imports are inside: `scale` plans in a fresh process that re-imports this module and must
+    # not load torch (it measures the driver's memory, and the driver does not import torch).
+    import torch
+
+    from pipeline.bench import MASK_CASES
+
     parser = ArgumentParser(prog="jobs.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     masks = sub.add_parser("masks", help="box-local encoding vs paste_masks_in_image + pycocotools + cv2")
@@ -50,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     robust.add_argument("--seed", type=int, default=0, help="archive seed (training used 100)")
     robust.add_argument("--real", type=Path, help="folder of real images with *_labels.* label images beside")
     robust.add_argument("--json", action="store_true", help="one JSON object per archive")
+    scale = sub.add_parser("scale", help="plan generated listings; resume scan of markers on S3 (no model)")
+    scale.add_argument("--sizes", default="100000,1000000", help="images per generated listing")
+    scale.add_argument("--markers", type=int, default=10_000, help="markers in the resume scan")
+    scale.add_argument("--per-folder", type=int, default=1000, help="images per slide folder")
+    scale.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
@@ -57,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return _pipeline(parser, args)
     if args.name == "robustness":
         return _robustness(parser, args)
+    if args.name == "scale":
+        return _scale(parser, args)
     cases = MASK_CASES
     if args.cases:
         try:
@@ -65,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cases takes SIZExCOUNT[,SIZExCOUNT...], got {args.cases!r}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    from pipeline.bench import bench_masks
+
     results = bench_masks(cases, device=args.device, repeats=args.repeats)
     if args.json:
         for result in results:
@@ -90,6 +102,8 @@ def _pipeline(parser, args) -> int:
     for name in ("images", "size", "batch_size", "shard_size", "memory_factor"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    from pipeline.bench import bench_pipeline
+
     result = bench_pipeline(
         images=args.images,
         size=args.size,
@@ -102,7 +116,7 @@ def _pipeline(parser, args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.device}")
+    print(f"{_machine()}, {args.device}")
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     return 0
@@ -114,6 +128,10 @@ def _robustness(parser, args) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.real is not None and not args.real.is_dir():
         parser.error(f"--real {args.real} is not a folder")
+    import pandas as pd
+
+    from pipeline.bench import bench_robustness
+
     rows = bench_robustness(
         model=args.model,
         slides=args.slides,
@@ -126,9 +144,29 @@ def _robustness(parser, args) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(_machine())
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
+
+
+def _scale(parser, args) -> int:
+    try:
+        sizes = [int(v) for v in args.sizes.split(",")]
+    except ValueError:
+        parser.error(f"--sizes takes comma-separated image counts, got {args.sizes!r}")
+    if min(sizes) < 1 or args.markers < 1 or args.per_folder < 1:
+        parser.error("--sizes, --markers and --per-folder must be at least 1")
+    from pipeline.bench_scale import bench_scale
+
+    for row in bench_scale(sizes, markers=args.markers, per_folder=args.per_folder):
+        print(json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+def _machine() -> str:
+    import torch
+
+    return f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 
 from jobs._cli import ArgumentParser, fail_usage
 from pipeline import lock, segment, storage
-from pipeline.model import ModelLoadError
+from pipeline.card import ModelLoadError
 from pipeline.plan import PlanError
 from pipeline.preprocess import parse_channel
 
@@ -57,7 +57,11 @@ def _parser() -> ArgumentParser:
         "OME-TIFF or TIFF resolution; else unknown)",
     )
     plan = parser.add_argument_group("plan (pinned in run.json)")
-    plan.add_argument("--shard-size", type=int, help="images per shard (default 256)")
+    plan.add_argument(
+        "--shard-size",
+        type=int,
+        help="images per shard (default: chosen from the archive and the replicas, 16 to 1024)",
+    )
     plan.add_argument("--slide-pattern", help="regex with a named group 'slide' (default: parent folder)")
     plan.add_argument(
         "--max-pixels",
@@ -162,15 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             storage.resolve(uri)  # refuses URIs with credentials before anything is written
         with lock.acquire(dest):
             if args.resume:
-                pinned, loaded = segment.reopen(dest, pinned_flags)
+                report = segment.resume(dest, pinned_flags, execution, shards=shards)
             else:
                 given = {k: v for k, v in pinned_flags.items() if v is not None}
-                pinned, loaded = segment.start(
-                    dest,
-                    segment.PinnedSettings(source=args.source, **given),
-                    batch_size=args.batch_size,
-                )
-            report = segment.execute(dest, pinned, loaded, execution, shards=shards)
+                report = segment.new_run(dest, segment.PinnedSettings(source=args.source, **given), execution)
     except (segment.RunError, lock.RunLocked, storage.UnsafeURIError, PlanError, ModelLoadError) as exc:
         return fail_usage(parser.prog, str(exc))
     except OSError as exc:

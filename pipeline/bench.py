@@ -10,6 +10,10 @@ RLE strings.
 size, device and precision; plus time to the first committed shard and the
 peak memory of the driver and every Ray process for N and 10 x N images.
 
+``scale``: planning generated listings of 100,000 and 1,000,000 images
+(time to the first shard, plan time, peak memory) and the resume scan of
+10,000 markers on S3.
+
 ``robustness``: the segment job and an Otsu + connected-components baseline
 scored side by side on a held-out in-distribution archive, on each shifted
 archive (:data:`pipeline.synth.SHIFTS`) and, where given, on a folder of real
@@ -289,8 +293,7 @@ def _timed_run(source: Path, dest: Path, pinned_kwargs: dict, execution) -> tupl
     with PeakMemory() as memory:
         start = time.perf_counter()
         settings = segment.PinnedSettings(source=str(source), **pinned_kwargs)
-        pinned, loaded = segment.start(str(dest), settings, batch_size=execution.batch_size)
-        report = segment.execute(str(dest), pinned, loaded, execution)
+        report = segment.new_run(str(dest), settings, execution)
         wall = time.perf_counter() - start
     if report.failed or report.images_error:
         raise RuntimeError(f"benchmark run not clean: {segment.format_report(report)}")
@@ -421,8 +424,9 @@ def bench_robustness(
             if coco is None:
                 coco = evaluate.label_images_to_coco(real, folder)
             dest = root / f"run-{folder.name}"
-            pinned, loaded = segment.start(str(dest), segment.PinnedSettings(source=str(folder), model=model))
-            report = segment.execute(str(dest), pinned, loaded, execution)
+            report = segment.new_run(
+                str(dest), segment.PinnedSettings(source=str(folder), model=model), execution
+            )
             if report.failed or report.images_error:
                 raise RuntimeError(f"robustness run on {name} not clean: {segment.format_report(report)}")
             scores, _ = evaluate.evaluate(str(dest), str(coco))

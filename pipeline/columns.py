@@ -59,6 +59,15 @@ class InstanceColumns:
             self[name] = other[name]
         return self
 
+    def select(self, names: Iterable[str]) -> InstanceColumns:
+        """Only the fields ``names`` (those present) and the private ``_`` fields, same instances."""
+        wanted = set(names)
+        out = InstanceColumns(length=len(self))
+        for name, values in self._fields.items():
+            if name in wanted or name.startswith("_"):
+                out._fields[name] = values
+        return out
+
     def filter(self, keep: np.ndarray) -> InstanceColumns:
         """The instances where the bool (N,) ``keep`` is true, in order, in every field."""
         keep = np.asarray(keep, bool)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,77 +43,16 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from pipeline import preprocess, storage
+from pipeline import storage
+from pipeline.card import ModelCard, ModelLoadError
 from pipeline.preprocess import Preprocessing
 
 CHECKPOINT_FORMAT = "segpipe-checkpoint"
 CHECKPOINT_VERSION = 1
 BUNDLED_MODEL = Path(__file__).parent / "models" / "nuclei_r18_fpn.pt"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_PREPROCESSING = Preprocessing(
     channel="rgb", normalize="range", note="torchvision's COCO convention: RGB scaled by the type's range"
 )
-
-
-class ModelLoadError(ValueError):
-    """A model spec that cannot be resolved or a checkpoint that cannot be loaded safely."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What a checkpoint is and how to run it.
-
-    Attributes:
-        name: human-readable model name.
-        architecture: a key of :data:`ARCHITECTURES`.
-        classes: class names; torchvision label ``k`` is ``classes[k - 1]``.
-        input_size: ``"native"`` (images go in at their own size, right for
-            tiles), or the shorter side in pixels that torchvision resizes to.
-        max_size: longer-side cap in pixels when resizing (ignored for native).
-        image_mean, image_std: per-channel normalisation of the network's three
-            input channels (applied inside the model, after ``preprocessing``).
-        preprocessing: how raw pixels become the input in [0, 1]
-            (:class:`pipeline.preprocess.Preprocessing`); a checkpoint written
-            without one gets :data:`pipeline.preprocess.LEGACY`, which says so.
-        score_threshold, mask_threshold, max_detections: default thresholds.
-        training: provenance (command, seed, steps, duration), free form.
-    """
-
-    name: str
-    architecture: str
-    classes: tuple[str, ...]
-    input_size: str | int = "native"
-    max_size: int = 1333
-    image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_STD
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
-    max_detections: int = 500
-    preprocessing: Preprocessing = preprocess.LEGACY
-    training: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, not ignored."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ModelLoadError(f"model card has unknown keys {sorted(unknown)}")
-        data = dict(data)
-        for key in ("classes", "image_mean", "image_std"):
-            if key in data:
-                data[key] = tuple(data[key])
-        if "preprocessing" in data:
-            try:
-                data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
-            except preprocess.PreprocessingError as exc:
-                raise ModelLoadError(f"model card: {exc}") from None
-        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -1,125 +1,304 @@
-"""Plan a run: list the source, keep image files, derive slide ids, cut shards.
+"""Plan a run: list the source as a stream, keep image files, slide ids, cut shards, write the manifest.
 
-The plan is written once to ``DEST/manifest.parquet`` and never re-derived on
-resume, so shard ids stay stable even if the source changes.
+The plan never holds the archive in memory: the source is listed one
+top-level folder at a time (several folders listed in parallel, in order),
+shards are cut as the sorted listing arrives, and each shard becomes one row
+group of ``DEST/manifest.parquet`` as soon as it is complete. The first shard
+can be dispatched while the listing goes on.
+
+The plan is written once and never re-derived on resume, so shard ids stay
+stable even if the source changes. A replica reads its own shard's rows from
+the manifest (one row group); the driver only reads the manifest's footer.
+
+Sorted order: the URIs come out in plain string order of their path relative
+to the source, exactly as sorting a full listing would give (the paths under
+one folder are a contiguous range of that order, so folders can be listed one
+by one).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline import storage
-from schemas import MANIFEST
+from pipeline.concurrency import bounded_map
+from schemas import MANIFEST, READABLE_VERSIONS, check_version
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+LISTERS = 8
+"""Folders listed at once (each one LIST stream on S3)."""
+AUTO_SHARD_LOOKAHEAD = 100_000
+"""Without --shard-size, the plan looks at up to this many images before choosing the shard size."""
+SHARDS_PER_REPLICA = 8
+"""Without --shard-size, small archives get about this many shards per replica (balance, cheap retries)."""
+MIN_AUTO_SHARD, MAX_AUTO_SHARD = 16, 1024
+"""Bounds of the chosen shard size: a 10M-image archive gets 1024 (about 10k files per table)."""
 
 
 class PlanError(ValueError):
     """The source cannot be planned (missing, empty, slide pattern not matching)."""
 
 
-def _uri_for(source: str, fs_path: str, root_path: str) -> str:
-    """The URI of a listed file, written in the same form as ``source``."""
-    relative = fs_path[len(root_path) :].lstrip("/")
-    return storage.join(source, relative)
+def choose_shard_size(images: int | None, replicas: int) -> int:
+    """The shard size for an archive of ``images`` images (None: more than the lookahead) on ``replicas``.
+
+    About :data:`SHARDS_PER_REPLICA` shards per replica, as a power of two
+    between :data:`MIN_AUTO_SHARD` and :data:`MAX_AUTO_SHARD`; archives larger
+    than the lookahead get the maximum (10M images: 9,766 shards).
+    """
+    if images is None:
+        return MAX_AUTO_SHARD
+    wanted = max(images / (SHARDS_PER_REPLICA * max(replicas, 1)), 1)
+    return int(min(max(2 ** round(math.log2(wanted)), MIN_AUTO_SHARD), MAX_AUTO_SHARD))
 
 
-def list_images(source: str) -> list[str]:
-    """Sorted URIs of the image files under ``source`` (recursive).
+class SlideNamer:
+    """The slide id of a URI: its parent folder's name, or the named group ``slide`` of a pattern.
 
-    Image files are chosen by extension (case-insensitive, see
-    :data:`IMAGE_EXTENSIONS`); directories are never listed, whatever their name.
-    Hidden files and folders (name starting with '.') are skipped.
+    The pattern is searched in the path relative to the source; the source
+    folder's own name stands for images directly in it.
+
+    Raises:
+        PlanError: the pattern is invalid, has no ``slide`` group, or does not match a path.
+    """
+
+    def __init__(self, source: str, pattern: str | None = None):
+        self.prefix = source.rstrip("/") + "/"
+        self.root_name = PurePosixPath(source.rstrip("/")).name
+        self.regex = None
+        if pattern is not None:
+            try:
+                self.regex = re.compile(pattern)
+            except re.error as exc:
+                raise PlanError(f"--slide-pattern is not a valid regular expression: {exc}") from None
+            if "slide" not in self.regex.groupindex:
+                raise PlanError("--slide-pattern needs a named group 'slide', e.g. '(?P<slide>[^/]+)/'")
+
+    def __call__(self, uri: str) -> str:
+        relative = uri[len(self.prefix) :] if uri.startswith(self.prefix) else uri
+        if self.regex is None:
+            return PurePosixPath(relative).parent.name or self.root_name
+        match = self.regex.search(relative)
+        if match is None or not match.group("slide"):
+            raise PlanError(f"--slide-pattern matched no slide in {relative!r}")
+        return match.group("slide")
+
+
+def _is_image(relative: PurePosixPath) -> bool:
+    return relative.suffix.lower() in IMAGE_EXTENSIONS and not any(p.startswith(".") for p in relative.parts)
+
+
+def iter_images(
+    source: str, *, listers: int = LISTERS, filesystem: pafs.FileSystem | None = None
+) -> Iterator[str]:
+    """The image URIs under ``source`` (recursive), sorted, as a stream.
+
+    One LIST of the top level, then each top-level folder listed recursively
+    (``listers`` at a time, in sorted order, each retried on transient
+    errors). Image files are chosen by extension (case-insensitive, see
+    :data:`IMAGE_EXTENSIONS`); directories are never images, whatever their
+    name; hidden files and folders (name starting with '.') are skipped.
+    ``filesystem`` lists ``source`` as a path on that filesystem instead of
+    resolving it as a URI (a generated listing in benchmarks and tests).
 
     Raises:
         PlanError: the source does not exist or is not a folder/prefix.
     """
-    fs, root = storage.resolve(source)
-    info = fs.get_file_info(root)
+    fs, root = (filesystem, source) if filesystem is not None else storage.resolve(source)
+    info = storage.retry_transient(lambda: fs.get_file_info(root))
     if info.type == pafs.FileType.NotFound:
         raise PlanError(f"source {storage.redact(source)} does not exist")
     if info.type != pafs.FileType.Directory:
         raise PlanError(f"source {storage.redact(source)} is not a folder or prefix")
-    selector = pafs.FileSelector(root, recursive=True)
-    uris = []
-    for entry in storage.retry_transient(lambda: fs.get_file_info(selector)):
-        if entry.type != pafs.FileType.File:
-            continue
-        relative = PurePosixPath(entry.path[len(root) :].lstrip("/"))
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        if relative.suffix.lower() in IMAGE_EXTENSIONS:
-            uris.append(_uri_for(source, entry.path, root))
-    return sorted(uris)
+    top = storage.retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root)))
+    # A folder's paths all start with "name/": sorting the top level by that key keeps global order.
+    top = sorted(
+        (e for e in top if not e.base_name.startswith(".")),
+        key=lambda e: e.base_name + ("/" if e.type == pafs.FileType.Directory else ""),
+    )
+
+    def relative(path: str) -> PurePosixPath:
+        return PurePosixPath(path[len(root) :].lstrip("/"))
+
+    def list_folder(entry: pafs.FileInfo) -> list[str]:
+        if entry.type != pafs.FileType.Directory:
+            return (
+                [entry.path] if entry.type == pafs.FileType.File and _is_image(relative(entry.path)) else []
+            )
+        selector = pafs.FileSelector(entry.path, recursive=True)
+        listed = storage.retry_transient(lambda: fs.get_file_info(selector))
+        return sorted(e.path for e in listed if e.type == pafs.FileType.File and _is_image(relative(e.path)))
+
+    with ThreadPoolExecutor(listers, thread_name_prefix="list") as pool:
+        for paths in bounded_map(pool, list_folder, top, listers):
+            for path in paths:
+                yield storage.join(source, str(relative(path)))
 
 
-def slide_ids(uris: list[str], source: str, pattern: str | None = None) -> list[str]:
-    """The slide id of each URI.
+@dataclass(frozen=True)
+class Shard:
+    """One shard of the plan: its id and its manifest rows (:data:`schemas.MANIFEST`)."""
 
-    Default: the name of the image's parent folder (the source folder's own
-    name for images directly in it). With ``pattern``, a regular expression
-    searched in the path relative to ``source`` whose named group ``slide``
-    gives the id.
+    shard_id: int
+    rows: pa.Table
 
-    Raises:
-        PlanError: the pattern has no ``slide`` group or does not match some path.
+
+class Plan:
+    """The shards of ``source``, cut as its sorted listing arrives (iterate to get them).
+
+    With ``shard_size`` None, up to :data:`AUTO_SHARD_LOOKAHEAD` images are
+    listed at construction and :func:`choose_shard_size` picks the size for
+    ``replicas``; ``self.shard_size`` is the size used either way.
+    ``filesystem``: see :func:`iter_images`.
+
+    Raises (at construction or while iterating):
+        PlanError: missing source, no image files, or a bad slide pattern.
     """
-    prefix = source.rstrip("/") + "/"
-    relative = [u[len(prefix) :] if u.startswith(prefix) else u for u in uris]
-    if pattern is None:
-        root_name = PurePosixPath(source.rstrip("/")).name
-        return [PurePosixPath(r).parent.name or root_name for r in relative]
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise PlanError(f"--slide-pattern is not a valid regular expression: {exc}") from None
-    if "slide" not in regex.groupindex:
-        raise PlanError("--slide-pattern needs a named group 'slide', e.g. '(?P<slide>[^/]+)/'")
-    ids, misses = [], []
-    for r in relative:
-        match = regex.search(r)
-        if match is None or not match.group("slide"):
-            misses.append(r)
-            ids.append("")
-        else:
-            ids.append(match.group("slide"))
-    if misses:
-        raise PlanError(
-            f"--slide-pattern matched no slide in {len(misses)} of {len(uris)} paths, e.g. {misses[0]!r}"
-        )
-    return ids
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        shard_size: int | None,
+        replicas: int = 1,
+        slide_pattern: str | None = None,
+        filesystem: pafs.FileSystem | None = None,
+    ):
+        if shard_size is not None and shard_size < 1:
+            raise PlanError(f"shard size must be at least 1, got {shard_size}")
+        self.source = source
+        self._namer = SlideNamer(source, slide_pattern)
+        self._listing = iter_images(source, filesystem=filesystem)
+        self._lookahead: list[str] = []
+        if shard_size is None:
+            for uri in self._listing:
+                self._lookahead.append(uri)
+                if len(self._lookahead) >= AUTO_SHARD_LOOKAHEAD:
+                    break
+            complete = len(self._lookahead) < AUTO_SHARD_LOOKAHEAD
+            shard_size = choose_shard_size(len(self._lookahead) if complete else None, replicas)
+        self.shard_size = shard_size
+
+    def __iter__(self) -> Iterator[Shard]:
+        batch: list[str] = []
+        image_id = shard_id = 0
+        for uri in itertools.chain(self._lookahead, self._listing):
+            batch.append(uri)
+            if len(batch) == self.shard_size:
+                yield Shard(shard_id, _shard_rows(batch, image_id, shard_id, self._namer))
+                image_id, shard_id, batch = image_id + len(batch), shard_id + 1, []
+        self._lookahead = []
+        if batch:
+            yield Shard(shard_id, _shard_rows(batch, image_id, shard_id, self._namer))
+        elif shard_id == 0:
+            raise PlanError(
+                f"no image files under {storage.redact(self.source)} "
+                f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
 
 
-def make_manifest(uris: list[str], slides: list[str], shard_size: int) -> pa.Table:
-    """The manifest table (:data:`schemas.MANIFEST`): image ids in listing order, fixed-size shards."""
-    if shard_size < 1:
-        raise PlanError(f"shard size must be at least 1, got {shard_size}")
-    image_ids = list(range(len(uris)))
+def _shard_rows(uris: list[str], first_id: int, shard_id: int, namer: SlideNamer) -> pa.Table:
     return pa.table(
         {
             "uri": [storage.redact(u) for u in uris],
-            "image_id": image_ids,
-            "slide_id": slides,
-            "shard_id": [i // shard_size for i in image_ids],
+            "image_id": pa.array(range(first_id, first_id + len(uris)), pa.int64()),
+            "slide_id": [namer(u) for u in uris],
+            "shard_id": pa.array([shard_id] * len(uris), pa.int32()),
         },
         schema=MANIFEST,
     )
 
 
-def plan(source: str, *, shard_size: int, slide_pattern: str | None = None) -> pa.Table:
-    """List ``source`` and return its manifest.
+def manifest_uri(dest: str) -> str:
+    return storage.join(dest, "manifest.parquet")
 
-    Raises:
-        PlanError: missing source, no image files, or a bad slide pattern.
+
+class ManifestWriter:
+    """Writes ``DEST/manifest.parquet`` one shard (one row group) at a time; it appears whole at close.
+
+    The file is written under a dot-file name (readers skip it) and moved into
+    place when complete (a rename locally, a server-side copy on S3). Use as a
+    context manager; an exception leaves no manifest.
     """
-    uris = list_images(source)
-    if not uris:
-        raise PlanError(
-            f"no image files under {storage.redact(source)} "
-            f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-    return make_manifest(uris, slide_ids(uris, source, slide_pattern), shard_size)
+
+    def __init__(self, dest: str):
+        self.uri = manifest_uri(dest)
+        self.shards = self.images = 0
+        self._temporary = storage.join(dest, ".tmp-manifest.parquet")
+        self._fs, self._path = storage.resolve(self.uri)
+        self._temporary_path = storage.resolve(self._temporary)[1]
+        self._stream = None
+        self._writer = None
+
+    def __enter__(self) -> ManifestWriter:
+        self._fs.create_dir(self._path.rsplit("/", 1)[0], recursive=True)
+        self._stream = self._fs.open_output_stream(self._temporary_path)
+        self._writer = pq.ParquetWriter(self._stream, MANIFEST, compression="zstd")
+        return self
+
+    def write(self, shard: Shard) -> None:
+        """Append the shard's rows as one row group (shards must come in order, from 0)."""
+        if shard.shard_id != self.shards:
+            raise ValueError(f"shard {shard.shard_id} written after {self.shards} shards")
+        self._writer.write_table(shard.rows, row_group_size=max(shard.rows.num_rows, 1))
+        self.shards += 1
+        self.images += shard.rows.num_rows
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._writer.close()
+        self._stream.close()
+        if kind is None:
+            storage.retry_transient(lambda: self._fs.move(self._temporary_path, self._path))
+        else:
+            self._fs.delete_file(self._temporary_path)
+
+
+class ManifestReader:
+    """Reads one shard's rows, or every shard's size, from a run's manifest without reading the rest.
+
+    New manifests hold one shard per row group; older ones one row group in
+    all: row groups are chosen by their ``shard_id`` statistics, so both work.
+    """
+
+    def __init__(self, dest: str):
+        fs, path = storage.resolve(manifest_uri(dest))
+        self._file = pq.ParquetFile(fs.open_input_file(path))
+        check_version(self._file.schema_arrow, "manifest", READABLE_VERSIONS)
+        self._column = self._file.schema_arrow.get_field_index("shard_id")
+
+    def _group_range(self, index: int) -> tuple[int, int] | None:
+        stats = self._file.metadata.row_group(index).column(self._column).statistics
+        return (stats.min, stats.max) if stats is not None and stats.has_min_max else None
+
+    def rows(self, shard_id: int) -> list[dict]:
+        """The manifest rows of ``shard_id`` (dicts, in manifest order)."""
+        groups = [
+            i
+            for i in range(self._file.num_row_groups)
+            if (r := self._group_range(i)) is None or r[0] <= shard_id <= r[1]
+        ]
+        table = self._file.read_row_groups(groups).cast(MANIFEST)
+        return table.filter(pc.equal(table["shard_id"], shard_id)).to_pylist()
+
+    def shard_sizes(self) -> dict[int, int]:
+        """Images per shard id, from the footer when each row group is one shard, else from one column."""
+        ranges = [self._group_range(i) for i in range(self._file.num_row_groups)]
+        if all(r is not None and r[0] == r[1] for r in ranges):
+            meta = self._file.metadata
+            return {r[0]: meta.row_group(i).num_rows for i, r in enumerate(ranges)}
+        counts = pc.value_counts(self._file.read(columns=["shard_id"])["shard_id"])
+        return {int(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
+
+    def close(self) -> None:
+        self._file.close()

@@ -10,8 +10,15 @@ replica writes a shard's files and its commit marker itself, a dead replica's
 shards are retried on a fresh one, and no stage or object-store queue holds
 more than two shards per replica.
 
-Exit codes (:func:`run`): 0 every shard committed; 3 some shards failed (the
-resume command is printed).
+A new run (:func:`new_run`) plans while it executes: the sorted listing is
+cut into shards as it arrives (:mod:`pipeline.plan`), each shard is written
+to the manifest and handed to the scheduler (:mod:`pipeline.schedule`), so
+the first shard runs before the listing ends; ``run.json`` is written when
+the plan is complete. :func:`resume` reads the manifest's footer and one
+listing of ``_commits/`` and redoes what is not committed.
+
+Exit codes (:attr:`RunReport.exit_code`): 0 every shard committed; 3 some
+shards failed (the resume command is printed).
 """
 
 from __future__ import annotations
@@ -21,23 +28,20 @@ import math
 import os
 import platform
 import socket
-import sys
 import time
-from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline import commit, storage
-from pipeline.decode import RawImage, one_line, read_and_decode
-from pipeline.model import LoadedModel, ModelCard, resolve_model
-from pipeline.plan import plan
+from pipeline.card import InferenceSettings, ModelCard, ModelLoadError
+from pipeline.decode import RawImage, read_and_decode
+from pipeline.plan import ManifestReader, ManifestWriter, Plan
 from pipeline.preprocess import with_channel
-from pipeline.worker import InferenceSettings, ShardProcessor
-from schemas import MANIFEST, SCHEMA_VERSION, check_version
+from pipeline.schedule import SHARDS_IN_FLIGHT, Scheduler
+from schemas import SCHEMA_VERSION
 
 EXIT_OK = 0
 EXIT_SHARDS_FAILED = 3
@@ -45,10 +49,6 @@ RUN_FORMAT = "segpipe-run"
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own default limit (about 9459 x 9459 px)."""
 
-RETRY_DELAY_S = 1.0
-"""A failed shard attempt is retried after 1 s, then 2 s, 4 s...: a storage outage gets time to pass."""
-SHARDS_IN_FLIGHT = 2
-"""Shards a replica holds at once: one decodes/encodes while the other infers; 3 measured no faster."""
 DEFAULT_OVERLAP_THRESHOLD = 0.7
 """Mask-overlap suppression (intersection over the smaller mask); chosen on held-out tiles (README)."""
 DEFAULT_EXCLUSIVE_PIXELS = False
@@ -75,7 +75,8 @@ class PinnedSettings:
     source: str
     model: str | None = None
     weights: str | None = None
-    shard_size: int = 256
+    shard_size: int | None = None
+    """Images per shard; None: chosen from the archive's size and the replicas (recorded when planned)."""
     slide_pattern: str | None = None
     score_threshold: float | None = None
     mask_threshold: float | None = None
@@ -150,6 +151,52 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model as the driver knows it: its card, its fingerprint and its weights in Ray's object store."""
+
+    card: ModelCard
+    fingerprint: str
+    weights: Any
+    """ObjectRef of the state dict (name -> NumPy array), put by the task that loaded it."""
+
+
+def resolve_on_this_node(spec: str | None, weights: str | None) -> ResolvedModel:
+    """Load the model in a Ray task on the driver's node and keep the weights in the object store.
+
+    The driver itself never imports torch; the task reads the same files the
+    driver would (checkpoint paths, torchvision's local cache) because it
+    runs on the same node.
+
+    Raises:
+        ModelLoadError: the spec cannot be resolved or the checkpoint is unsafe.
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(_load_model).options(num_cpus=0, scheduling_strategy=here, max_retries=0)
+    try:
+        card, fingerprint, (weights_ref,) = ray.get(task.remote(spec, weights))
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ModelLoadError):
+            raise ModelLoadError(str(exc.cause)) from None
+        raise
+    return ResolvedModel(ModelCard.from_dict(card), fingerprint, weights_ref)
+
+
+def _load_model(spec: str | None, weights: str | None):
+    """Ray task body: (card dict, fingerprint, [ObjectRef of the NumPy state dict])."""
+    import ray
+
+    from pipeline.model import resolve_model
+
+    loaded = resolve_model(spec, weights=weights)
+    state = {k: v.detach().cpu().numpy() for k, v in loaded.module.state_dict().items()}
+    return loaded.card.to_dict(), loaded.fingerprint, [ray.put(state)]
+
+
 def _resolved_thresholds(pinned: PinnedSettings, card: ModelCard) -> PinnedSettings:
     return PinnedSettings(
         **{
@@ -167,51 +214,9 @@ def _run_json_uri(dest: str) -> str:
     return storage.join(dest, "run.json")
 
 
-def _manifest_uri(dest: str) -> str:
-    return storage.join(dest, "manifest.parquet")
-
-
-def start(
-    dest: str, pinned: PinnedSettings, *, batch_size: int | None = None
-) -> tuple[PinnedSettings, LoadedModel]:
-    """Create a new run at ``dest``: resolve the model, plan, write manifest.parquet and run.json.
-
-    ``batch_size`` (None: ``DEFAULT_BATCH_SIZE``) is recorded in run.json as the run's default for resumes.
-
-    Raises:
-        RunError: ``dest`` already holds a run, or settings are invalid.
-        PlanError, ModelLoadError: the source or model cannot be used.
-    """
-    if storage.exists(_run_json_uri(dest)):
-        raise RunError(
-            f"{storage.redact(dest)} already holds a run; use --resume {storage.redact(dest)} "
-            "to finish it, or choose a new --output"
-        )
-    loaded = resolve_model(pinned.model, weights=pinned.weights)
-    pinned = _resolved_thresholds(pinned, loaded.card)
-    manifest = plan(pinned.source, shard_size=pinned.shard_size, slide_pattern=pinned.slide_pattern)
-    storage.write_bytes_atomic(_manifest_uri(dest), commit.parquet_bytes(manifest))
-    run_json = {
-        "format": RUN_FORMAT,
-        "version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {**asdict(pinned), "source": storage.redact(pinned.source)},
-        "model": {"card": loaded.card.to_dict(), "fingerprint": loaded.fingerprint},
-        "preprocessing": with_channel(loaded.card.preprocessing, pinned.channel).to_dict(),
-        "images": manifest.num_rows,
-        "shards": int(manifest["shard_id"][-1].as_py()) + 1,
-        "batch_size": batch_size or DEFAULT_BATCH_SIZE,
-        "schema_version": SCHEMA_VERSION,
-        "channels": _first_image_channels(manifest),
-        "versions": _versions(),
-    }
-    commit.write_json(_run_json_uri(dest), run_json)
-    return pinned, loaded
-
-
-def _first_image_channels(manifest) -> dict[str, Any]:
+def _first_image_channels(uris: list[str]) -> dict[str, Any]:
     """The channel names of the run's first decodable image, with how to read the intensity lists."""
-    for uri in manifest.column("uri").to_pylist()[:16]:
+    for uri in uris[:16]:
         raw = read_and_decode(uri, max_pixels=DEFAULT_MAX_PIXELS)
         if isinstance(raw, RawImage):
             return {
@@ -221,7 +226,22 @@ def _first_image_channels(manifest) -> dict[str, Any]:
     return {"first_image": None, "note": "no image among the first 16 could be decoded"}
 
 
-def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, LoadedModel]:
+def _check_new_dest(dest: str) -> None:
+    """Refuse a DEST that holds a run, or shards of a run whose plan never finished."""
+    if storage.exists(_run_json_uri(dest)):
+        raise RunError(
+            f"{storage.redact(dest)} already holds a run; use --resume {storage.redact(dest)} "
+            "to finish it, or choose a new --output"
+        )
+    states = commit.shard_states(dest)
+    if states.committed or states.failed:
+        raise RunError(
+            f"{storage.redact(dest)} holds shards of a run whose plan never finished (its driver stopped "
+            "while listing the source, before run.json was written): remove it or choose another --output"
+        )
+
+
+def reopen(dest: str, overrides: dict[str, Any], address: str | None) -> tuple[PinnedSettings, ResolvedModel]:
     """Reopen the run at ``dest`` for resume or rerun.
 
     ``overrides`` are pinned settings the user passed again; any that differ
@@ -233,13 +253,6 @@ def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, Loaded
     if not storage.exists(_run_json_uri(dest)):
         raise RunError(f"no run to resume at {storage.redact(dest)} (run.json not found)")
     run_json = commit.read_json(_run_json_uri(dest))
-    written = run_json.get("schema_version", "1")
-    if written != SCHEMA_VERSION:
-        raise RunError(
-            f"{storage.redact(dest)} was written with table schema version {written} and this segpipe "
-            f"writes version {SCHEMA_VERSION}: new shards would not match the old ones; finish it with "
-            "the segpipe that started it, or start a new run (--output)"
-        )
     pinned = PinnedSettings(**run_json["settings"])
     different = {
         k: (getattr(pinned, k), v) for k, v in overrides.items() if v is not None and getattr(pinned, k) != v
@@ -250,21 +263,14 @@ def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, Loaded
             f"cannot resume {storage.redact(dest)} with different settings ({described}); "
             "a new --output starts a new run"
         )
-    loaded = resolve_model(pinned.model, weights=pinned.weights)
+    connect_ray(address)
+    loaded = resolve_on_this_node(pinned.model, pinned.weights)
     if loaded.fingerprint != run_json["model"]["fingerprint"]:
         raise RunError(
             f"the model changed since the run started (fingerprint {loaded.fingerprint[:19]}..., "
             f"run has {run_json['model']['fingerprint'][:19]}...); a new --output starts a new run"
         )
     return pinned, loaded
-
-
-def read_manifest(dest: str):
-    """The run's manifest table (schema checked)."""
-    fs, path = storage.resolve(_manifest_uri(dest))
-    table = pq.read_table(path, filesystem=fs)
-    check_version(table.schema, "manifest")
-    return table.cast(MANIFEST)
 
 
 class ShardWorker:
@@ -285,9 +291,12 @@ class ShardWorker:
                 f"(torch {torch.__version__}); running on the CPU"
             )
         self.dest = dest
+        from pipeline.worker import ShardProcessor
+
         self.processor = ShardProcessor(
             ModelCard.from_dict(card), weights, settings, device=device, threads=threads
         )
+        self._manifest: ManifestReader | None = None
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -301,9 +310,14 @@ class ShardWorker:
             "note": self.note,
         }
 
-    def run_shard(self, shard_id: int, rows: list[dict], attempt: int) -> dict[str, Any]:
+    def run_shard(self, shard_id: int, rows: list[dict] | None, attempt: int) -> dict[str, Any]:
+        """Process and commit one shard; its rows come from the manifest unless given."""
         import ray
 
+        if rows is None:
+            if self._manifest is None:
+                self._manifest = storage.retry_transient(lambda: ManifestReader(self.dest))
+            rows = storage.retry_transient(lambda: self._manifest.rows(shard_id))
         output = self.processor.process(rows)
         summary = {
             **output.summary,
@@ -381,9 +395,9 @@ def _node_cpus(gpus_per_replica: float) -> float:
     return math.floor(max(shares, default=1.0))
 
 
-def _batch_size(dest: str, asked: int | None) -> int:
+def _batch_size(run_json: dict[str, Any], asked: int | None) -> int:
     """The batch size to run with: ``asked``, else the one run.json records (warns when they differ)."""
-    recorded = commit.read_json(_run_json_uri(dest)).get("batch_size", DEFAULT_BATCH_SIZE)
+    recorded = run_json.get("batch_size", DEFAULT_BATCH_SIZE)
     if asked is not None and asked != recorded:
         log.warning(
             "batch size %d differs from the run's %d: boxes and scores of the shards done now may "
@@ -394,61 +408,21 @@ def _batch_size(dest: str, asked: int | None) -> int:
     return recorded if asked is None else asked
 
 
-def execute(
-    dest: str,
-    pinned: PinnedSettings,
-    loaded: LoadedModel,
-    execution: ExecutionSettings,
-    *,
-    shards: list[int] | None = None,
-) -> RunReport:
-    """Process the run's shards on Ray and commit them.
+@dataclass(frozen=True)
+class _Replicas:
+    """What the scheduler needs to make replicas: the actor factory and how many the cluster fits."""
 
-    Without ``shards``, every shard lacking a committed marker is processed;
-    with ``shards``, exactly those (their files are replaced). A shard whose
-    replica dies or raises is retried (on a fresh replica if it died) up to
-    ``execution.max_attempts`` times, then marked failed.
-    """
+    new_replica: Any
+    count: int
+
+
+def _replicas(
+    dest: str, loaded: ResolvedModel, settings: InferenceSettings, execution: ExecutionSettings
+) -> _Replicas:
+    """Join or start Ray and prepare the replica actor class (one model replica per actor)."""
     import ray
-    from ray.exceptions import RayActorError, RayError, WorkerCrashedError
 
-    started = time.monotonic()
-    report = RunReport(dest=dest)
-    manifest = read_manifest(dest)
-    rows_by_shard: dict[int, list[dict]] = {}
-    for row in manifest.to_pylist():
-        rows_by_shard.setdefault(row["shard_id"], []).append(row)
-    if shards is None:
-        done = commit.committed_shards(dest)
-        todo = [s for s in sorted(rows_by_shard) if s not in done]
-        report.skipped = sorted(done & set(rows_by_shard))
-    else:
-        unknown = sorted(set(shards) - set(rows_by_shard))
-        if unknown:
-            raise RunError(
-                f"--shards names shards not in the manifest: {unknown} (run has {len(rows_by_shard)})"
-            )
-        todo = sorted(set(shards))
-    if not todo:
-        report.wall_s = time.monotonic() - started
-        return report
-
-    batch_size = _batch_size(dest, execution.batch_size)
-    connect_ray(execution.address)
     replicas, gpus_per, cpus_per = replica_layout(execution)
-    replicas = min(replicas, len(todo))
-    settings = InferenceSettings(
-        score_threshold=pinned.score_threshold,
-        mask_threshold=pinned.mask_threshold,
-        max_detections=pinned.max_detections,
-        batch_size=batch_size,
-        max_pixels=pinned.max_pixels,
-        preprocessing=with_channel(loaded.card.preprocessing, pinned.channel),
-        overlap_threshold=pinned.overlap_threshold,
-        exclusive_pixels=pinned.exclusive_pixels,
-        pixel_size_um=pinned.pixel_size_um,
-    )
-    weights_ref = ray.put({k: v.detach().cpu().numpy() for k, v in loaded.module.state_dict().items()})
     env = {k: os.environ[k] for k in _ENDPOINT_VARIABLES if k in os.environ}
     actor_cls = ray.remote(ShardWorker).options(
         num_cpus=cpus_per,
@@ -459,129 +433,146 @@ def execute(
     )
 
     def new_replica():
-        return actor_cls.remote(loaded.card.to_dict(), weights_ref, settings, dest, max(1, int(cpus_per)))
+        return actor_cls.remote(loaded.card.to_dict(), loaded.weights, settings, dest, max(1, int(cpus_per)))
 
-    actors = [new_replica() for _ in range(replicas)]
+    return _Replicas(new_replica, replicas)
+
+
+def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_size: int, schema_version: str):
+    return InferenceSettings(
+        score_threshold=pinned.score_threshold,
+        mask_threshold=pinned.mask_threshold,
+        max_detections=pinned.max_detections,
+        batch_size=batch_size,
+        max_pixels=pinned.max_pixels,
+        preprocessing=with_channel(loaded.card.preprocessing, pinned.channel),
+        overlap_threshold=pinned.overlap_threshold,
+        exclusive_pixels=pinned.exclusive_pixels,
+        pixel_size_um=pinned.pixel_size_um,
+        schema_version=schema_version,
+    )
+
+
+def _start_scheduler(dest, replicas: _Replicas, count: int, execution, report, *, manifest_ready: bool):
+    scheduler = Scheduler(
+        dest,
+        replicas.new_replica,
+        count,
+        max_attempts=execution.max_attempts,
+        report=report,
+        progress=execution.progress,
+        manifest_ready=manifest_ready,
+    )
     notes = set()
-    for info in ray.get([a.describe.remote() for a in actors]):
+    for info in scheduler.describe_replicas():
         if info["note"] and info["note"] not in notes:
             notes.add(info["note"])
             log.warning(info["note"])
+    return scheduler
+
+
+def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> RunReport:
+    """Plan ``pinned.source`` into ``dest`` while executing it; write run.json when the plan is complete.
+
+    Shards are handed to replicas as the listing arrives (with their rows
+    while the manifest is still being written); the rest are read from the
+    manifest by the replicas once it is published.
+
+    Raises:
+        RunError: ``dest`` already holds a run, or settings are invalid.
+        PlanError, ModelLoadError: the source or model cannot be used.
+    """
+    started = time.monotonic()
+    _check_new_dest(dest)
+    connect_ray(execution.address)
+    loaded = resolve_on_this_node(pinned.model, pinned.weights)
+    pinned = _resolved_thresholds(pinned, loaded.card)
+    batch_size = execution.batch_size or DEFAULT_BATCH_SIZE
+    settings = _inference_settings(pinned, loaded, batch_size, SCHEMA_VERSION)
+    report = RunReport(dest=dest)
+    replicas = _replicas(dest, loaded, settings, execution)
+    plan = Plan(
+        pinned.source,
+        shard_size=pinned.shard_size,
+        replicas=replicas.count,
+        slide_pattern=pinned.slide_pattern,
+    )
+    pinned = replace(pinned, shard_size=plan.shard_size)
+    scheduler = _start_scheduler(dest, replicas, replicas.count, execution, report, manifest_ready=False)
     report.replicas_ready_s = time.monotonic() - started
-
-    total_images = sum(len(rows_by_shard[s]) for s in todo)
-    bar = _progress_bar(total_images, execution.progress)
-    pending = deque(todo)
-    not_before: dict[int, float] = {}
-    attempts: Counter[int] = Counter()
-    load = [0] * replicas
-    in_flight: dict[Any, tuple[int, int, Any]] = {}
-
-    def next_ready_shard() -> int | None:
-        now = time.monotonic()
-        for shard_id in pending:
-            if not_before.get(shard_id, 0.0) <= now:
-                pending.remove(shard_id)
-                return shard_id
-        return None
-
-    while pending or in_flight:
-        for index in range(replicas):
-            while load[index] < SHARDS_IN_FLIGHT and (shard_id := next_ready_shard()) is not None:
-                attempts[shard_id] += 1
-                ref = actors[index].run_shard.remote(shard_id, rows_by_shard[shard_id], attempts[shard_id])
-                in_flight[ref] = (shard_id, index, actors[index])
-                load[index] += 1
-        timeout = backoff_timeout(pending, not_before, time.monotonic())
-        if not in_flight:
-            time.sleep(timeout or 0.0)
-            continue
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
-        for ref in ready:
-            shard_id, index, actor = in_flight.pop(ref)
-            load[index] -= 1
-            try:
-                summary = ray.get(ref)
-            except (RayActorError, WorkerCrashedError) as exc:
-                if actors[index] is actor:
-                    actors[index] = new_replica()
-                error = f"replica died: {one_line(exc, 200)}"
-            except RayError as exc:
-                error = one_line(getattr(exc, "cause", None) or exc, 300)
-            else:
-                report.committed.append(shard_id)
-                report.images_ok += summary["images_ok"]
-                report.images_error += summary["images"] - summary["images_ok"]
-                report.instances += summary["instances"]
-                report.stage_s.update(summary["timings_s"])
-                _shard_line(bar, shard_id, summary)
-                bar.update(summary["images"])
-                bar.set_postfix(committed=len(report.committed), failed=len(report.failed))
-                continue
-            if attempts[shard_id] < execution.max_attempts:
-                report.retries += 1
-                _log_line(
-                    bar,
-                    f"{commit.shard_name(shard_id)} attempt {attempts[shard_id]} failed: {error}; retrying",
-                )
-                not_before[shard_id] = time.monotonic() + RETRY_DELAY_S * 2 ** (attempts[shard_id] - 1)
-                pending.appendleft(shard_id)
-            else:
-                report.failed[shard_id] = error
-                try:
-                    commit.mark_failed(dest, shard_id, {"attempts": attempts[shard_id], "error": error})
-                except OSError as exc:
-                    # No marker at all is also redone by --resume; losing this write loses nothing.
-                    _log_line(
-                        bar, f"could not write the failed marker of {commit.shard_name(shard_id)}: {exc}"
-                    )
-                _log_line(
-                    bar, f"{commit.shard_name(shard_id)} failed after {attempts[shard_id]} attempts: {error}"
-                )
-                bar.update(len(rows_by_shard[shard_id]))
-                bar.set_postfix(committed=len(report.committed), failed=len(report.failed))
-    bar.close()
-    for actor in actors:
-        ray.kill(actor)
+    first_uris: list[str] = []
+    with ManifestWriter(dest) as manifest:
+        for shard in plan:
+            manifest.write(shard)
+            rows = shard.rows.to_pylist() if scheduler.free_slots() else None
+            first_uris = first_uris or shard.rows.column("uri").to_pylist()[:16]
+            scheduler.add(shard.shard_id, shard.rows.num_rows, rows)
+            scheduler.step(block=False)
+    scheduler.publish_manifest()
+    run_json = {
+        "format": RUN_FORMAT,
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {**asdict(pinned), "source": storage.redact(pinned.source)},
+        "model": {"card": loaded.card.to_dict(), "fingerprint": loaded.fingerprint},
+        "preprocessing": settings.preprocessing.to_dict(),
+        "images": manifest.images,
+        "shards": manifest.shards,
+        "batch_size": batch_size,
+        "schema_version": SCHEMA_VERSION,
+        "channels": _first_image_channels(first_uris),
+        "versions": _versions(),
+    }
+    commit.write_json(_run_json_uri(dest), run_json)
+    scheduler.run()
     report.committed.sort()
     report.wall_s = time.monotonic() - started
     return report
 
 
-def backoff_timeout(pending, not_before: dict[int, float], now: float) -> float | None:
-    """Seconds until the earliest pending shard's retry delay ends; None if none is waiting.
+def resume(
+    dest: str, overrides: dict[str, Any], execution: ExecutionSettings, *, shards: list[int] | None = None
+) -> RunReport:
+    """Finish the run at ``dest``: redo every shard without a committed marker, or exactly ``shards``.
 
-    None makes the driver block until a shard finishes; a shard that may go
-    now but has no free replica slot must not turn the wait into a busy loop.
+    The driver reads the manifest's footer (shard sizes) and lists
+    ``_commits/`` once; replicas read their shards' rows from the manifest.
+    Redone shards' files are replaced, never appended to.
+
+    Raises:
+        RunError: no run, different settings or model, or unknown shard ids.
     """
-    waiting = [not_before[s] for s in pending if not_before.get(s, 0.0) > now]
-    return min(waiting) - now if waiting else None
-
-
-def _progress_bar(total: int, enabled: bool | None):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        unit="img",
-        desc="segment",
-        disable=(None if enabled is None else not enabled),
-        file=sys.stderr,
-        smoothing=0.1,
-    )
-
-
-def _log_line(bar, text: str) -> None:
-    bar.write(text, file=sys.stderr)
-
-
-def _shard_line(bar, shard_id: int, summary: dict[str, Any]) -> None:
-    errors = summary["images"] - summary["images_ok"]
-    _log_line(
-        bar,
-        f"{commit.shard_name(shard_id)} committed: {summary['images']} images ({errors} errors), "
-        f"{summary['instances']} instances, {summary['timings_s']['total_s']:.1f} s",
-    )
+    started = time.monotonic()
+    pinned, loaded = reopen(dest, overrides, execution.address)
+    report = RunReport(dest=dest)
+    reader = ManifestReader(dest)
+    sizes = reader.shard_sizes()
+    reader.close()
+    if shards is None:
+        done = commit.shard_states(dest).committed
+        todo = [s for s in sorted(sizes) if s not in done]
+        report.skipped = sorted(done & set(sizes))
+    else:
+        unknown = sorted(set(shards) - set(sizes))
+        if unknown:
+            raise RunError(f"--shards names shards not in the manifest: {unknown} (run has {len(sizes)})")
+        todo = sorted(set(shards))
+    if not todo:
+        report.wall_s = time.monotonic() - started
+        return report
+    run_json = commit.read_json(_run_json_uri(dest))
+    batch_size = _batch_size(run_json, execution.batch_size)
+    settings = _inference_settings(pinned, loaded, batch_size, run_json.get("schema_version", "1"))
+    replicas = _replicas(dest, loaded, settings, execution)
+    count = min(replicas.count, len(todo))
+    scheduler = _start_scheduler(dest, replicas, count, execution, report, manifest_ready=True)
+    report.replicas_ready_s = time.monotonic() - started
+    for shard_id in todo:
+        scheduler.add(shard_id, sizes[shard_id])
+    scheduler.run()
+    report.committed.sort()
+    report.wall_s = time.monotonic() - started
+    return report
 
 
 def format_report(report: RunReport) -> str:

@@ -22,57 +22,23 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipeline import masks, postprocess
+from pipeline.card import InferenceSettings, ModelCard
 from pipeline.columns import InstanceColumns
+from pipeline.concurrency import bounded_map
 from pipeline.decode import DecodeError, RawImage, one_line, read_and_decode
 from pipeline.infer import Detections, autocast_dtype, detect
-from pipeline.model import ModelCard, build_model, configure
-from pipeline.preprocess import Preprocessing, PreprocessingError, model_input
-from schemas import IMAGES, instances_schema
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def bounded_map(
-    executor: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], depth: int
-) -> Iterator[R]:
-    """``map(fn, items)`` on ``executor`` with at most ``depth`` calls in flight, results in order."""
-    pending: collections.deque[Future] = collections.deque()
-    for item in items:
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-        pending.append(executor.submit(fn, item))
-    while pending:
-        yield pending.popleft().result()
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """What the replica needs besides the weights (all pinned in run.json except batch_size).
-
-    ``preprocessing`` is the model card's, with ``--channel`` applied.
-    """
-
-    score_threshold: float
-    mask_threshold: float
-    max_detections: int
-    batch_size: int
-    max_pixels: int
-    preprocessing: Preprocessing
-    overlap_threshold: float = 1.0
-    exclusive_pixels: bool = False
-    pixel_size_um: float | None = None
-    """µm per pixel for every image (``--pixel-size-um``); None: each file's own, if it states one."""
+from pipeline.model import build_model, configure
+from pipeline.preprocess import PreprocessingError, model_input
+from schemas import IMAGES, SCHEMA_VERSION, at_version, instances_schema
 
 
 @dataclass
@@ -294,8 +260,11 @@ class ShardProcessor:
                     "pixel_size_um": info.get("pixel_size_um"),
                 }
             )
-        instances = InstanceColumns.to_table(parts, instances_schema())
-        images = pa.Table.from_pylist(image_rows, schema=IMAGES)
+        instances_at = instances_schema(self.settings.schema_version)
+        if self.settings.schema_version != SCHEMA_VERSION:
+            parts = [part.select(instances_at.names) for part in parts]
+        instances = InstanceColumns.to_table(parts, instances_at)
+        images = pa.Table.from_pylist(image_rows, schema=at_version(IMAGES, self.settings.schema_version))
         errors = collections.Counter(r["status"] for r in image_rows if r["status"] != "ok")
         summary = {
             "images": len(image_rows),

@@ -8,9 +8,10 @@ Every file carries its schema name and version in the Arrow metadata
 (``segpipe.schema``, ``segpipe.schema_version``); readers check the version.
 
 Versions: 1 (segpipe 0.1) had no shape or intensity features, no µm columns
-and no ``images.channels`` / ``images.pixel_size_um``; version 2 adds them.
-Readers of version 1 runs still read every column version 1 has; asking for
-a feature of a version 1 run says so.
+and no ``images.channels`` / ``images.pixel_size_um``; version 2 adds them
+(:data:`ADDED_IN_VERSION_2`). Readers of version 1 runs still read every
+column version 1 has; asking for a feature of a version 1 run says so; a
+version 1 run resumes writing version 1 shards (:func:`at_version`).
 """
 
 from __future__ import annotations
@@ -195,9 +196,48 @@ def geo_metadata() -> dict[bytes, bytes]:
     return {b"geo": json.dumps(geo).encode()}
 
 
-def instances_schema() -> pa.Schema:
-    """:data:`INSTANCES` with the GeoParquet metadata added."""
-    return INSTANCES.with_metadata({**INSTANCES.metadata, **geo_metadata()})
+ADDED_IN_VERSION_2 = frozenset(
+    {
+        "axis_major_length",
+        "axis_minor_length",
+        "eccentricity",
+        "orientation",
+        "solidity",
+        "circularity",
+        "area_um2",
+        "perimeter_um",
+        "axis_major_length_um",
+        "axis_minor_length_um",
+        "intensity_mean",
+        "intensity_std",
+        "intensity_min",
+        "intensity_max",
+        "intensity_integrated",
+        "channels",
+        "pixel_size_um",
+    }
+)
+"""Columns of ``instances`` and ``images`` that version 1 did not have."""
+
+
+def at_version(schema: pa.Schema, version: str) -> pa.Schema:
+    """``schema`` as an older version wrote it (its fields only, its version number).
+
+    A run keeps the version it started with: shards redone by ``--resume``
+    match the others (the writer drops what the older version lacked).
+    """
+    if version == SCHEMA_VERSION:
+        return schema
+    if version != "1":
+        raise ValueError(f"unknown schema version {version!r}; known: {', '.join(READABLE_VERSIONS)}")
+    kept = [f for f in schema if f.name not in ADDED_IN_VERSION_2]
+    return pa.schema(kept, metadata={**schema.metadata, b"segpipe.schema_version": version.encode()})
+
+
+def instances_schema(version: str = SCHEMA_VERSION) -> pa.Schema:
+    """:data:`INSTANCES` (at ``version``) with the GeoParquet metadata added."""
+    schema = at_version(INSTANCES, version)
+    return schema.with_metadata({**schema.metadata, **geo_metadata()})
 
 
 def check_version(schema: pa.Schema, name: str, accept: tuple[str, ...] = (SCHEMA_VERSION,)) -> str:

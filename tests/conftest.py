@@ -7,19 +7,14 @@ on 127.0.0.1 for the session.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import preprocess
+from pipeline import bench_scale, preprocess
 from pipeline.model import ModelCard, build_model, save_checkpoint
 from pipeline.synth import write_archive
 
@@ -35,45 +30,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """An S3 endpoint URL with credentials in the environment (moto_server unless one is given)."""
-    given = os.environ.get("AWS_ENDPOINT_URL")
-    if given:
-        yield given
-        return
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.2)
-    saved = {
-        k: os.environ.get(k)
-        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
-    }
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_REGION="us-east-1",
-    )
-    yield endpoint
-    server.terminate()
-    server.wait(10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with bench_scale.s3_endpoint() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

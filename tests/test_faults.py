@@ -146,7 +146,9 @@ def test_a_killed_driver_is_resumed_without_redoing_committed_shards(
     finally:
         for proc in _process_group(driver.pid):
             proc.kill()
-    markers = {p.stem: json.loads(p.read_text()) for p in (dest / "_commits").glob("shard-*.json")}
+    markers = {
+        p.name.split(".")[0]: json.loads(p.read_text()) for p in (dest / "_commits").glob("shard-*.json")
+    }
     committed = {
         f"{name}.parquet": (
             (dest / "instances" / f"{name}.parquet").stat().st_mtime_ns,
@@ -314,6 +316,10 @@ def test_input_keys_cannot_write_outside_dest(ray_local, archive, random_model_p
     for shard in range(-(-len(inputs) // 2)):
         allowed |= {
             f"runs/r1/{folder}/shard-{shard:05d}.{ext}"
-            for folder, ext in (("instances", "parquet"), ("images", "parquet"), ("_commits", "json"))
+            for folder, ext in (
+                ("instances", "parquet"),
+                ("images", "parquet"),
+                ("_commits", "committed.json"),
+            )
         }
     assert stored() - inputs == allowed

@@ -71,7 +71,7 @@ def test_files_carry_schema_version_and_geoparquet_metadata(finished_run):
     assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"2"
     geo = json.loads(meta[b"geo"])
     assert geo["primary_column"] == "polygon" and geo["columns"]["polygon"]["encoding"] == "WKB"
-    marker = json.loads((finished_run / "_commits" / "shard-00000.json").read_text())
+    marker = json.loads((finished_run / "_commits" / "shard-00000.committed.json").read_text())
     assert marker["status"] == "committed" and marker["images"] == 4
     run_json = json.loads((finished_run / "run.json").read_text())
     assert run_json["model"]["fingerprint"].startswith("sha256:")
@@ -115,7 +115,7 @@ def test_resume_does_only_missing_shards_and_rerun_replaces(finished_run, tmp_pa
     shutil.copytree(finished_run, dest)
     kept = dest / "instances" / "shard-00000.parquet"
     kept_stat = kept.stat().st_mtime_ns
-    (dest / "_commits" / "shard-00001.json").unlink()
+    (dest / "_commits" / "shard-00001.committed.json").unlink()
     (dest / "instances" / "shard-00001.parquet").write_bytes(b"leftover of a crashed attempt")
     assert run("--resume", dest) == 0
     assert "already done 1" in capsys.readouterr().out
@@ -126,7 +126,8 @@ def test_resume_does_only_missing_shards_and_rerun_replaces(finished_run, tmp_pa
     assert run("--resume", dest, "--shards", "0") == 0
     after = pd.read_parquet(dest / "instances")
     assert kept.stat().st_mtime_ns != kept_stat
-    assert json.loads((dest / "_commits" / "shard-00000.json").read_text())["batch_size"] == 1  # the run's
+    marker = json.loads((dest / "_commits" / "shard-00000.committed.json").read_text())
+    assert marker["batch_size"] == 1  # the run's
     pd.testing.assert_frame_equal(before, after, check_exact=True)
     assert sorted(os.listdir(dest / "instances")) == ["shard-00000.parquet", "shard-00001.parquet"]
 
@@ -151,10 +152,15 @@ def test_failing_shard_is_retried_then_failed_with_resume_command(
     assert "failed shards: 1" in out.out
     assert f"python -m jobs.segment --resume {dest}" in out.out
     assert "retrying" in out.err
-    marker = json.loads((dest / "_commits" / "shard-00001.json").read_text())
+    marker = json.loads((dest / "_commits" / "shard-00001.failed.json").read_text())
     assert marker["status"] == "failed" and marker["attempts"] == 2
+    assert not (dest / "_commits" / "shard-00001.committed.json").exists()
     (dest / "images" / "shard-00001.parquet").rmdir()
     assert run("--resume", dest) == 0
+    assert sorted(os.listdir(dest / "_commits")) == [
+        "shard-00000.committed.json",
+        "shard-00001.committed.json",
+    ]
     images = pd.read_parquet(dest / "images")
     assert len(images) == 6 and images["uri"].is_unique
 
@@ -253,7 +259,7 @@ def test_dense_post_processing_accounts_for_every_detection(ray_local, archive, 
 
 
 def test_the_driver_blocks_instead_of_polling_when_no_retry_is_waiting():
-    from pipeline.segment import backoff_timeout
+    from pipeline.schedule import backoff_timeout
 
     assert backoff_timeout([1, 2], {}, now=100.0) is None
     assert backoff_timeout([1, 2], {1: 99.0}, now=100.0) is None
@@ -262,8 +268,108 @@ def test_the_driver_blocks_instead_of_polling_when_no_retry_is_waiting():
 
 
 def test_resume_reuses_the_runs_batch_size_and_warns_on_another(finished_run, caplog):
-    assert json.loads((finished_run / "run.json").read_text())["batch_size"] == 1
-    assert segment._batch_size(str(finished_run), None) == 1
+    run_json = json.loads((finished_run / "run.json").read_text())
+    assert run_json["batch_size"] == 1
+    assert segment._batch_size(run_json, None) == 1
     assert not caplog.records
-    assert segment._batch_size(str(finished_run), 3) == 3
+    assert segment._batch_size(run_json, 3) == 3
     assert "differs from the run's 1" in caplog.text
+
+
+def test_the_driver_never_reads_manifest_rows_on_resume(finished_run, tmp_path, monkeypatch):
+    """O(shards) driver: only the manifest's footer; each replica reads its own shard's rows."""
+    from pipeline.plan import ManifestReader
+
+    dest = tmp_path / "copy"
+    shutil.copytree(finished_run, dest)
+    for marker in (dest / "_commits").iterdir():
+        marker.unlink()
+
+    def refuse(self, shard_id):
+        raise AssertionError("the driver read a shard's rows")
+
+    monkeypatch.setattr(ManifestReader, "rows", refuse)  # patched in this (the driver's) process only
+    assert run("--resume", dest) == 0
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(finished_run / "instances"), pd.read_parquet(dest / "instances"), check_exact=True
+    )
+
+
+def test_the_shard_size_chooses_itself_and_is_pinned(ray_local, archive, random_model_path, tmp_path):
+    dest = tmp_path / "auto"
+    assert run(archive, "--output", dest, "--model", random_model_path) == 0
+    run_json = json.loads((dest / "run.json").read_text())
+    assert run_json["settings"]["shard_size"] == 16 and run_json["shards"] == 1
+    assert run("--resume", dest, "--shard-size", 8) == 2
+
+
+def test_an_older_run_with_its_markers_and_schema_still_resumes(finished_run, tmp_path):
+    """A run as segpipe 0.1 wrote it: markers with the status inside, one-row-group manifest,
+    tables at schema version 1, run.json without a schema version. Resume redoes one missing shard,
+    writing version 1 tables, so the run's files stay one dataset."""
+    from schemas import ADDED_IN_VERSION_2
+
+    dest = tmp_path / "old"
+    shutil.copytree(finished_run, dest)
+    for marker in (dest / "_commits").iterdir():
+        legacy = dest / "_commits" / (marker.name.split(".")[0] + ".json")
+        marker.rename(legacy)
+    for path in [*(dest / "instances").glob("*.parquet"), *(dest / "images").glob("*.parquet")]:
+        table = pq.read_table(path)
+        keep = [n for n in table.schema.names if n not in ADDED_IN_VERSION_2]
+        pq.write_table(table.select(keep).replace_schema_metadata(_version_1(table.schema.metadata)), path)
+    manifest = pq.read_table(dest / "manifest.parquet")
+    pq.write_table(
+        manifest.replace_schema_metadata(_version_1(manifest.schema.metadata)), dest / "manifest.parquet"
+    )
+    run_json = json.loads((dest / "run.json").read_text())
+    del run_json["schema_version"]
+    (dest / "run.json").write_text(json.dumps(run_json))
+    before = pd.read_parquet(dest / "instances")
+    (dest / "_commits" / "shard-00001.json").unlink()
+    kept = (dest / "instances" / "shard-00000.parquet").stat().st_mtime_ns
+
+    assert run("--resume", dest) == 0
+    assert (dest / "instances" / "shard-00000.parquet").stat().st_mtime_ns == kept
+    redone = pq.read_table(dest / "instances" / "shard-00001.parquet")
+    assert redone.schema.metadata[b"segpipe.schema_version"] == b"1"
+    assert not set(redone.schema.names) & ADDED_IN_VERSION_2
+    pd.testing.assert_frame_equal(before, pd.read_parquet(dest / "instances"), check_exact=True)
+    assert sorted(p.name for p in (dest / "_commits").iterdir()) == [
+        "shard-00000.json",
+        "shard-00001.committed.json",
+    ]
+
+
+def _version_1(metadata: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {**metadata, b"segpipe.schema_version": b"1"}
+
+
+def test_a_bad_model_is_a_one_line_error_from_the_driver(ray_local, archive, tmp_path, capsys):
+    """The model is loaded in a task on the driver's node; its refusal still reaches the user as exit 2."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"format": "segpipe-checkpoint", "card": Evil()}))
+    assert run(archive, "--output", tmp_path / "r", "--model", evil) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a weights-only checkpoint" in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+    assert run(archive, "--output", tmp_path / "r2", "--model", tmp_path / "missing.pt") == 2
+    assert "cannot read model" in capsys.readouterr().err
+
+
+def test_the_driver_does_not_import_torch():
+    """The driver plans and schedules; torch (about 0.7 GB resident) lives in the replicas only."""
+    code = "import sys, jobs.segment, pipeline.segment; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -13,9 +13,10 @@ import tifffile
 import torch
 
 from pipeline import infer
+from pipeline.concurrency import bounded_map
 from pipeline.model import resolve_model
 from pipeline.synth import tile_paths
-from pipeline.worker import InferenceSettings, ShardProcessor, bounded_map
+from pipeline.worker import InferenceSettings, ShardProcessor
 from schemas import instances_schema
 from tests.helpers import prepared_tensor
 

@@ -1,0 +1,101 @@
+"""The model card and the replica's settings: what the driver needs to know about a model, without torch.
+
+The driver of the segment job plans, schedules and writes ``run.json``; it
+never imports torch (about 0.7 GB of resident libraries), so it can run on a
+small head node. Everything it handles about the model is here; building and
+running the network is :mod:`pipeline.model` and :mod:`pipeline.worker`, in
+the replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline import preprocess
+from pipeline.preprocess import Preprocessing
+from schemas import SCHEMA_VERSION
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be resolved or a checkpoint that cannot be loaded safely."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a checkpoint is and how to run it.
+
+    Attributes:
+        name: human-readable model name.
+        architecture: a key of :data:`pipeline.model.ARCHITECTURES`.
+        classes: class names; torchvision label ``k`` is ``classes[k - 1]``.
+        input_size: ``"native"`` (images go in at their own size, right for
+            tiles), or the shorter side in pixels that torchvision resizes to.
+        max_size: longer-side cap in pixels when resizing (ignored for native).
+        image_mean, image_std: per-channel normalisation of the network's three
+            input channels (applied inside the model, after ``preprocessing``).
+        preprocessing: how raw pixels become the input in [0, 1]
+            (:class:`pipeline.preprocess.Preprocessing`); a checkpoint written
+            without one gets :data:`pipeline.preprocess.LEGACY`, which says so.
+        score_threshold, mask_threshold, max_detections: default thresholds.
+        training: provenance (command, seed, steps, duration), free form.
+    """
+
+    name: str
+    architecture: str
+    classes: tuple[str, ...]
+    input_size: str | int = "native"
+    max_size: int = 1333
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    max_detections: int = 500
+    preprocessing: Preprocessing = preprocess.LEGACY
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not ignored."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ModelLoadError(f"model card has unknown keys {sorted(unknown)}")
+        data = dict(data)
+        for key in ("classes", "image_mean", "image_std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        if "preprocessing" in data:
+            try:
+                data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
+            except preprocess.PreprocessingError as exc:
+                raise ModelLoadError(f"model card: {exc}") from None
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What a replica needs besides the weights (all pinned in run.json except batch_size).
+
+    ``preprocessing`` is the model card's, with ``--channel`` applied.
+    """
+
+    score_threshold: float
+    mask_threshold: float
+    max_detections: int
+    batch_size: int
+    max_pixels: int
+    preprocessing: Preprocessing
+    overlap_threshold: float = 1.0
+    exclusive_pixels: bool = False
+    pixel_size_um: float | None = None
+    """µm per pixel for every image (``--pixel-size-um``); None: each file's own, if it states one."""
+    schema_version: str = SCHEMA_VERSION
+    """The table schema version of the run (a run resumed keeps the version it started with)."""
