@@ -158,7 +158,8 @@ class ResolvedModel:
     card: ModelCard
     fingerprint: str
     weights: Any
-    """ObjectRef of the state dict (name -> NumPy array), put by the task that loaded it."""
+    """ObjectRef of the state dict (name -> NumPy array): a return value of the loading task, so the
+    driver owns it and it outlives the task's worker process."""
 
 
 def resolve_on_this_node(spec: str | None, weights: str | None) -> ResolvedModel:
@@ -176,9 +177,10 @@ def resolve_on_this_node(spec: str | None, weights: str | None) -> ResolvedModel
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(_load_model).options(num_cpus=0, scheduling_strategy=here, max_retries=0)
+    task = ray.remote(_load_model).options(num_cpus=0, num_returns=2, scheduling_strategy=here, max_retries=0)
+    description_ref, weights_ref = task.remote(spec, weights)
     try:
-        card, fingerprint, (weights_ref,) = ray.get(task.remote(spec, weights))
+        card, fingerprint = ray.get(description_ref)
     except RayTaskError as exc:
         if isinstance(exc.cause, ModelLoadError):
             raise ModelLoadError(str(exc.cause)) from None
@@ -187,14 +189,12 @@ def resolve_on_this_node(spec: str | None, weights: str | None) -> ResolvedModel
 
 
 def _load_model(spec: str | None, weights: str | None):
-    """Ray task body: (card dict, fingerprint, [ObjectRef of the NumPy state dict])."""
-    import ray
-
+    """Ray task body: ((card dict, fingerprint), state dict of NumPy arrays), two return objects."""
     from pipeline.model import resolve_model
 
     loaded = resolve_model(spec, weights=weights)
     state = {k: v.detach().cpu().numpy() for k, v in loaded.module.state_dict().items()}
-    return loaded.card.to_dict(), loaded.fingerprint, [ray.put(state)]
+    return (loaded.card.to_dict(), loaded.fingerprint), state
 
 
 def _resolved_thresholds(pinned: PinnedSettings, card: ModelCard) -> PinnedSettings:
