@@ -1,11 +1,13 @@
 """Write a synthetic nuclei archive with COCO ground truth.
 
-python -m jobs.synth DEST --slides 4 --tiles-per-slide 16 --size 256 --seed 0 [--shift NAME]
+python -m jobs.synth DEST --slides 4 --tiles-per-slide 16 --size 256 --seed 0 \
+    [--shift NAME] [--empty-fraction F]
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from jobs._cli import ArgumentParser
 from pipeline.synth import SHIFTS, TRAINING, write_archive
@@ -23,17 +25,27 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(SHIFTS),
         help="draw tiles from ranges outside the training ones (robustness archives; default: training)",
     )
+    parser.add_argument(
+        "--empty-fraction",
+        type=float,
+        help=f"fraction of tiles with no nucleus, background only (default {TRAINING.empty_fraction})",
+    )
     args = parser.parse_args(argv)
     for name in ("slides", "tiles_per_slide", "size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.empty_fraction is not None and not 0 <= args.empty_fraction <= 1:
+        parser.error("--empty-fraction must be in [0, 1]")
+    look = SHIFTS[args.shift] if args.shift else TRAINING
+    if args.empty_fraction is not None:
+        look = replace(look, empty_fraction=args.empty_fraction)
     path = write_archive(
         args.dest,
         slides=args.slides,
         tiles_per_slide=args.tiles_per_slide,
         size=args.size,
         seed=args.seed,
-        look=SHIFTS[args.shift] if args.shift else TRAINING,
+        look=look,
     )
     print(f"wrote {args.slides * args.tiles_per_slide} tiles and {path}")
     return 0

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -381,6 +382,11 @@ def bench_pipeline(
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _ap(scores: dict[str, float], key: str, truth: int) -> float | None:
+    """A rounded AP, or None where the archive holds no true instance (AP is undefined)."""
+    return round(scores[key], 3) if truth else None
+
+
 def bench_robustness(
     *,
     model: str | None = None,
@@ -391,7 +397,8 @@ def bench_robustness(
     real: Path | None = None,
     workdir: Path | None = None,
 ) -> list[dict[str, object]]:
-    """Segment and score the in-distribution archive, every shifted archive and ``real`` (if given).
+    """Segment and score the in-distribution archive, every shifted archive, a background-only
+    archive (no nucleus: its instances are all false) and ``real`` (if given).
 
     Each archive is written with ``seed`` (the training archive's seed must
     differ), segmented by the segment job with the default settings, and
@@ -401,7 +408,8 @@ def bench_robustness(
 
     Returns one dict per archive: ``archive``, ``images``, ``instances``,
     ``truth`` (ground-truth instances), ``AP50``, ``AP`` (mask), ``count_mae``,
-    ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``.
+    ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
+    (the APs are None for an archive without a true instance).
     """
     import ray
 
@@ -409,7 +417,12 @@ def bench_robustness(
     root = Path(tempfile.mkdtemp(prefix="segpipe-robust-")) if own_tmp else Path(workdir)
     archives: list[tuple[str, Path, Path]] = []
     try:
-        for name, look in [("in-distribution", synth.TRAINING), *synth.SHIFTS.items()]:
+        looks = [
+            ("in-distribution", synth.TRAINING),
+            *synth.SHIFTS.items(),
+            ("background-only", replace(synth.TRAINING, empty_fraction=1.0)),
+        ]
+        for name, look in looks:
             folder = root / name
             coco = synth.write_archive(
                 folder, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=seed, look=look
@@ -431,18 +444,19 @@ def bench_robustness(
                 raise RuntimeError(f"robustness run on {name} not clean: {segment.format_report(report)}")
             scores, _ = evaluate.evaluate(str(dest), str(coco))
             truth = len(json.loads(Path(coco).read_text())["annotations"])
+
             rows.append(
                 {
                     "archive": name,
                     "images": int(scores["images"]),
                     "instances": int(scores["instances"]),
                     "truth": truth,
-                    "AP50": round(scores["agnostic.segm.AP50"], 3),
-                    "AP": round(scores["agnostic.segm.AP"], 3),
+                    "AP50": _ap(scores, "agnostic.segm.AP50", truth),
+                    "AP": _ap(scores, "agnostic.segm.AP", truth),
                     "count_mae": round(scores["count.mae"], 2),
                     "count_bias": round(scores["count.bias"], 2),
-                    "baseline_AP50": round(scores["baseline.segm.AP50"], 3),
-                    "baseline_AP": round(scores["baseline.segm.AP"], 3),
+                    "baseline_AP50": _ap(scores, "baseline.segm.AP50", truth),
+                    "baseline_AP": _ap(scores, "baseline.segm.AP", truth),
                     "baseline_count_mae": round(scores["baseline.count.mae"], 2),
                 }
             )

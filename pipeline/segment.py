@@ -23,6 +23,7 @@ shards failed (the resume command is printed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -182,6 +183,8 @@ def resolve_on_this_node(spec: str | None, weights: str | None) -> ResolvedModel
     try:
         card, fingerprint = ray.get(description_ref)
     except RayTaskError as exc:
+        with contextlib.suppress(RayTaskError):
+            ray.get(weights_ref)  # the same error: read it so Ray does not log it as unhandled at exit
         if isinstance(exc.cause, ModelLoadError):
             raise ModelLoadError(str(exc.cause)) from None
         raise

@@ -28,7 +28,9 @@ What a tile holds (each range is per tile unless said):
   on top); a nucleus hidden by more than a third is left out of the tile
   altogether, so no fragment is ever drawn or annotated;
 * things that are not nuclei: small bright specks, thin fibres, faint
-  out-of-focus blobs;
+  out-of-focus blobs; a tenth of the tiles hold nothing else (background
+  only: after per-tile normalisation their specks are the brightest thing,
+  which the model must learn to leave alone);
 * defocus blur (Gaussian, sigma up to 3 px), Poisson shot noise and Gaussian
   read noise, then digitisation to the tile's file type.
 
@@ -87,6 +89,8 @@ class Appearance:
     """Illumination falls by up to this fraction across the tile."""
     density: tuple[float, float] = (3.0, 40.0)
     """Scattered nuclei per 256 x 256 px (log-uniform), besides clusters."""
+    empty_fraction: float = 0.1
+    """Fraction of tiles with no nucleus at all: background, debris and fibres only (negatives)."""
     file_types: tuple[str, ...] = FILE_TYPES
     low_range_max: tuple[float, float] = (150.0, 4095.0)
     """Brightest pixel value of a low-range 16-bit tile (log-uniform)."""
@@ -386,7 +390,10 @@ def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appeara
     """Render one tile with its ground truth; deterministic per arguments."""
     rng = np.random.default_rng([seed, slide, tile])
     style = TileStyle.draw(rng, look)
-    nuclei, owner = _resolve_occlusion(_place_nuclei(rng, size, look, style), size, size)
+    placed = _place_nuclei(rng, size, look, style)
+    if np.random.default_rng([seed, slide, tile, 1]).random() < look.empty_fraction:
+        placed = []  # a separate stream, so a tile with nuclei is the same whatever the fraction
+    nuclei, owner = _resolve_occlusion(placed, size, size)
     signal = _nuclei_signal(rng, nuclei, owner)
 
     illumination = 1 - style.unevenness * _smooth_field(rng, size, size, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -46,19 +47,42 @@ def test_bundled_model_finds_nuclei_on_a_fresh_tile():
     assert np.mean(recalls) >= 0.7, recalls
 
 
-def test_background_only_tiles_and_an_empty_slide_region_give_no_instance():
+def _empty_region(seed: int, size: int, offset: float, level: float, noise: float) -> np.ndarray:
+    """A region with no cell (float64, size x size): camera offset, autofluorescence that varies
+    slowly, uneven illumination (a gradient), shot and read noise."""
+    rng = np.random.default_rng(seed)
+    slow = cv2.GaussianBlur(rng.normal(0, 1, (size, size)), (0, 0), size / 6)
+    autofluorescence = level * (1 + 0.5 * slow / max(np.abs(slow).max(), 1e-9))
+    illumination = np.linspace(1.0, 0.6, size)[None, :]
+    signal = rng.poisson(autofluorescence * illumination).astype(np.float64)
+    return offset + signal + rng.normal(0, noise, (size, size))
+
+
+def test_an_empty_region_gives_no_instance_at_any_bit_depth():
+    """An empty slide region (offset, autofluorescence, uneven illumination, noise) in 8 and 16 bits."""
     loaded = resolve_model(None)
-    empty_look = replace(TRAINING, density=(1e-6, 1e-6))
-    for index in range(6):
-        tile = render_tile(seed=7, slide=0, tile=index, size=256, look=empty_look)
-        if tile.labels:
-            continue  # a cluster was drawn; only background tiles count here
-        assert len(detections(loaded, tile.pixels)) == 0, (index, tile.file_type)
-    # A region of a 16-bit slide with no tissue: camera offset, shot and read noise, a slow gradient.
-    rng = np.random.default_rng(0)
-    gradient = np.linspace(0, 40, 768)[None, :]
-    background = 300 + gradient + rng.normal(0, 6, (768, 768))
-    assert len(detections(loaded, np.clip(background, 0, 65535).astype(np.uint16))) == 0
+    for seed in range(3):
+        region = _empty_region(seed, 768, offset=100, level=200, noise=6)
+        for pixels in (
+            np.clip(region, 0, 65535).astype(np.uint16),  # a 12-bit camera in a 16-bit file
+            np.clip(region * 60, 0, 65535).astype(np.uint16),  # most of the 16-bit range
+            np.clip(region / 3, 0, 255).astype(np.uint8),
+        ):
+            assert len(detections(loaded, pixels)) == 0, (seed, pixels.dtype)
+
+
+def test_background_tiles_with_specks_and_fibres_give_few_false_instances():
+    """Specks blurred to a small nucleus's size are the brightest thing on a background tile once it
+    is normalised; they are not nuclei. Measured: 0.8 false instances per tile over 64 tiles, 2.0
+    before training on background tiles (BENCHMARKS.md). A floor against regressions, not a target."""
+    loaded = resolve_model(None)
+    background_only = replace(TRAINING, empty_fraction=1.0)
+    false = []
+    for index in range(16):
+        tile = render_tile(seed=7, slide=1, tile=index, size=256, look=background_only)
+        assert not tile.labels
+        false.append(len(detections(loaded, tile.pixels)))
+    assert np.mean(false) <= 1.0, false
 
 
 def test_the_same_scene_in_8_and_low_range_16_bits_gives_the_same_nuclei():

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
+from functools import partial
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline.decode import decode_image
 from pipeline.synth import FILE_TYPES, MAX_HIDDEN_FRACTION, SHIFTS, TRAINING, render_tile, write_archive
+from tests.conftest import REPO
 
 
 def test_ground_truth_round_trips_to_the_drawn_masks(tmp_path):
@@ -85,3 +90,44 @@ def test_shifts_lie_outside_the_training_ranges():
         ]
         assert outside, f"shift {name} lies inside the training ranges"
     assert 0 < MAX_HIDDEN_FRACTION < 0.5
+
+
+def test_some_training_tiles_are_background_only_and_the_others_do_not_depend_on_the_fraction():
+    none_empty = replace(TRAINING, empty_fraction=0.0)
+    empty = 0
+    for tile in range(40):
+        drawn = render_tile(5, 0, tile, 96)
+        if not drawn.labels:
+            empty += 1
+            assert not drawn.instances.any()
+            continue
+        same = render_tile(5, 0, tile, 96, none_empty)
+        assert np.array_equal(drawn.pixels, same.pixels) and np.array_equal(drawn.instances, same.instances)
+    assert 1 <= empty <= 12  # about TRAINING.empty_fraction of 40
+
+
+def test_synth_command_writes_background_only_archives_and_refuses_a_bad_fraction(tmp_path):
+    run = partial(subprocess.run, capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.synth",
+            str(tmp_path / "a"),
+            "--slides",
+            "1",
+            "--tiles-per-slide",
+            "3",
+            "--size",
+            "64",
+            "--empty-fraction",
+            "1",
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    coco = json.loads((tmp_path / "a" / "annotations.json").read_text())
+    assert len(coco["images"]) == 3 and coco["annotations"] == []
+    wrong = run([sys.executable, "-m", "jobs.synth", str(tmp_path / "b"), "--empty-fraction", "2"])
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        "jobs.synth: error: --empty-fraction must be in [0, 1] (see --help)"
+    ]
