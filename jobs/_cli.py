@@ -19,6 +19,12 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(USAGE_ERROR)
 
+    def require_positive(self, args: argparse.Namespace, *names: str) -> None:
+        """A usage error for the first of ``names`` (attribute names) whose value is below 1."""
+        for name in names:
+            if getattr(args, name) < 1:
+                self.error(f"--{name.replace('_', '-')} must be at least 1")
+
 
 def fail_usage(prog: str, message: str) -> int:
     """Print ``message`` as a one-line usage error and return the usage exit code."""

@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
         except ValueError:
             parser.error(f"--cases takes SIZExCOUNT[,SIZExCOUNT...], got {args.cases!r}")
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    parser.require_positive(args, "repeats")
     from pipeline.bench import bench_masks
 
     results = bench_masks(cases, device=args.device, repeats=args.repeats)
@@ -99,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pipeline(parser, args) -> int:
-    for name in ("images", "size", "batch_size", "shard_size", "memory_factor"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    parser.require_positive(args, "images", "size", "batch_size", "shard_size", "memory_factor")
     from pipeline.bench import bench_pipeline
 
     result = bench_pipeline(
@@ -123,9 +120,7 @@ def _pipeline(parser, args) -> int:
 
 
 def _robustness(parser, args) -> int:
-    for name in ("slides", "tiles_per_slide", "size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    parser.require_positive(args, "slides", "tiles_per_slide", "size")
     if args.real is not None and not args.real.is_dir():
         parser.error(f"--real {args.real} is not a folder")
     import pandas as pd

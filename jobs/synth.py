@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"fraction of tiles with no nucleus, background only (default {TRAINING.empty_fraction})",
     )
     args = parser.parse_args(argv)
-    for name in ("slides", "tiles_per_slide", "size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    parser.require_positive(args, "slides", "tiles_per_slide", "size")
     if args.empty_fraction is not None and not 0 <= args.empty_fraction <= 1:
         parser.error("--empty-fraction must be in [0, 1]")
     look = SHIFTS[args.shift] if args.shift else TRAINING

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.stats import summarize
+from schemas import ADDED_IN_VERSION_2
 
 
 @pytest.fixture
@@ -150,31 +151,10 @@ def test_a_version_1_run_still_reads_and_says_why_it_has_no_features(segmented_r
     for table_name in ("instances", "images"):
         for path in (old / table_name).glob("*.parquet"):
             table = pq.read_table(path)
-            keep = [n for n in table.schema.names if n not in V2_ONLY]
+            keep = [n for n in table.schema.names if n not in ADDED_IN_VERSION_2]
             meta = {**table.schema.metadata, b"segpipe.schema_version": b"1"}
             pq.write_table(table.select(keep).replace_schema_metadata(meta), path)
     table = per_slide(str(old))
     assert table["count"].sum() == pq.read_table(segmented_run / "instances").num_rows
     with pytest.raises(ValueError, match="schema version 1"):
         per_slide(str(old), features=["solidity"])
-
-
-V2_ONLY = {
-    "axis_major_length",
-    "axis_minor_length",
-    "eccentricity",
-    "orientation",
-    "solidity",
-    "circularity",
-    "area_um2",
-    "perimeter_um",
-    "axis_major_length_um",
-    "axis_minor_length_um",
-    "intensity_mean",
-    "intensity_std",
-    "intensity_min",
-    "intensity_max",
-    "intensity_integrated",
-    "channels",
-    "pixel_size_um",
-}
