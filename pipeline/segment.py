@@ -17,6 +17,12 @@ the first shard runs before the listing ends; ``run.json`` is written when
 the plan is complete. :func:`resume` reads the manifest's footer and one
 listing of ``_commits/`` and redoes what is not committed.
 
+The driver never imports torch: a Ray task on its node loads the model and
+returns the card (to the driver) and the weights (an object the replicas
+share). The replica actors are started before that task ends, so their own
+imports of torch and torchvision overlap it; each gets the model when it is
+known (:class:`_Replicas`).
+
 Exit codes (:attr:`RunReport.exit_code`): 0 every shard committed; 3 some
 shards failed (the resume command is printed).
 """
@@ -29,6 +35,7 @@ import math
 import os
 import platform
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -244,14 +251,14 @@ def _check_new_dest(dest: str) -> None:
         )
 
 
-def reopen(dest: str, overrides: dict[str, Any], address: str | None) -> tuple[PinnedSettings, ResolvedModel]:
-    """Reopen the run at ``dest`` for resume or rerun.
+def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, dict[str, Any]]:
+    """The pinned settings and run.json of the run at ``dest``, for resume or rerun.
 
     ``overrides`` are pinned settings the user passed again; any that differ
-    from the run's are refused. The model must still have the same fingerprint.
+    from the run's are refused.
 
     Raises:
-        RunError: no run at ``dest``, or a setting or the model differs.
+        RunError: no run at ``dest``, or a setting differs.
     """
     if not storage.exists(_run_json_uri(dest)):
         raise RunError(f"no run to resume at {storage.redact(dest)} (run.json not found)")
@@ -266,40 +273,77 @@ def reopen(dest: str, overrides: dict[str, Any], address: str | None) -> tuple[P
             f"cannot resume {storage.redact(dest)} with different settings ({described}); "
             "a new --output starts a new run"
         )
-    connect_ray(address)
+    return pinned, run_json
+
+
+def _resolve_the_runs_model(pinned: PinnedSettings, run_json: dict[str, Any]) -> ResolvedModel:
+    """The run's model, loaded again; refused if its fingerprint is not the one run.json records.
+
+    Raises:
+        RunError: the model changed since the run started.
+        ModelLoadError: it cannot be loaded any more.
+    """
     loaded = resolve_on_this_node(pinned.model, pinned.weights)
     if loaded.fingerprint != run_json["model"]["fingerprint"]:
         raise RunError(
             f"the model changed since the run started (fingerprint {loaded.fingerprint[:19]}..., "
             f"run has {run_json['model']['fingerprint'][:19]}...); a new --output starts a new run"
         )
-    return pinned, loaded
+    return loaded
 
 
 class ShardWorker:
-    """Ray actor body: one model replica that processes and commits shards."""
+    """Ray actor body: one model replica that processes and commits shards.
 
-    def __init__(self, card: dict, weights: dict, settings: InferenceSettings, dest: str, threads: int):
+    It is created before the model is known, so that its process start and
+    imports (torch, torchvision: seconds) overlap the driver's loading task;
+    :meth:`load` then builds the model. Every other method waits for it.
+    """
+
+    def __init__(self, dest: str, threads: int):
         import ray
         import torch
 
+        import pipeline.worker  # noqa: F401 - the slow imports, done while the model is being loaded
+
         gpu_ids = ray.get_gpu_ids()
         self.note = None
-        device = "cpu"
+        self.device = "cpu"
         if gpu_ids and torch.cuda.is_available():
-            device = "cuda"
+            self.device = "cuda"
         elif gpu_ids:
             self.note = (
                 f"replica placed on GPU resource {gpu_ids} but CUDA is not available "
                 f"(torch {torch.__version__}); running on the CPU"
             )
         self.dest = dest
+        self.threads = threads
+        self._loaded = threading.Event()
+        self._processor = None
+        self._load_error: str | None = None
+        self._manifest: ManifestReader | None = None
+
+    def load(self, card: dict, weights: dict, settings: InferenceSettings) -> None:
+        """Build the model replica. A failure is kept and raised by every later call (nobody reads
+        this call's result), so a replica that cannot load fails its shards, which are retried."""
         from pipeline.worker import ShardProcessor
 
-        self.processor = ShardProcessor(
-            ModelCard.from_dict(card), weights, settings, device=device, threads=threads
-        )
-        self._manifest: ManifestReader | None = None
+        try:
+            self._processor = ShardProcessor(
+                ModelCard.from_dict(card), weights, settings, device=self.device, threads=self.threads
+            )
+        except Exception as exc:  # kept, and raised by describe / run_shard
+            self._load_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._loaded.set()
+
+    @property
+    def processor(self):
+        """The replica's :class:`pipeline.worker.ShardProcessor`, once :meth:`load` has run."""
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise RuntimeError(f"this replica could not build its model: {self._load_error}")
+        return self._processor
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -411,34 +455,57 @@ def _batch_size(run_json: dict[str, Any], asked: int | None) -> int:
     return recorded if asked is None else asked
 
 
-@dataclass(frozen=True)
 class _Replicas:
-    """What the scheduler needs to make replicas: the actor factory and how many the cluster fits."""
+    """The run's replica actors, started before the model is loaded and given it once it is.
 
-    new_replica: Any
-    count: int
+    Starting them first lets their process start and imports overlap the
+    loading task (both take seconds). ``count`` is how many the cluster fits
+    (and no more than ``at_most``).
+    """
 
+    def __init__(self, dest: str, execution: ExecutionSettings, *, at_most: int | None = None):
+        import ray
 
-def _replicas(
-    dest: str, loaded: ResolvedModel, settings: InferenceSettings, execution: ExecutionSettings
-) -> _Replicas:
-    """Join or start Ray and prepare the replica actor class (one model replica per actor)."""
-    import ray
+        replicas, gpus_per, cpus_per = replica_layout(execution)
+        self.count = replicas if at_most is None else max(1, min(replicas, at_most))
+        env = {k: os.environ[k] for k in _ENDPOINT_VARIABLES if k in os.environ}
+        # `load` has a thread of its own: the shards given to a replica wait for its model, and
+        # must not hold every thread while `load` still waits for its weights to arrive.
+        self._actor_cls = ray.remote(concurrency_groups={"load": 1})(ShardWorker).options(
+            num_cpus=cpus_per,
+            num_gpus=gpus_per,
+            max_concurrency=SHARDS_IN_FLIGHT,
+            max_restarts=0,
+            runtime_env={"env_vars": env} if env else None,
+        )
+        self._args = (dest, max(1, int(cpus_per)))
+        self._model: tuple | None = None
+        self._waiting = [self._actor_cls.remote(*self._args) for _ in range(self.count)]
 
-    replicas, gpus_per, cpus_per = replica_layout(execution)
-    env = {k: os.environ[k] for k in _ENDPOINT_VARIABLES if k in os.environ}
-    actor_cls = ray.remote(ShardWorker).options(
-        num_cpus=cpus_per,
-        num_gpus=gpus_per,
-        max_concurrency=SHARDS_IN_FLIGHT,
-        max_restarts=0,
-        runtime_env={"env_vars": env} if env else None,
-    )
+    def load(self, loaded: ResolvedModel, settings: InferenceSettings) -> None:
+        """Give the model to the replicas started so far and to every later one."""
+        self._model = (loaded.card.to_dict(), loaded.weights, settings)
+        for actor in self._waiting:
+            self._load(actor)
 
-    def new_replica():
-        return actor_cls.remote(loaded.card.to_dict(), loaded.weights, settings, dest, max(1, int(cpus_per)))
+    def new_replica(self):
+        """A replica with the model: one started in advance while any is left, else a new one."""
+        if self._waiting:
+            return self._waiting.pop(0)
+        actor = self._actor_cls.remote(*self._args)
+        self._load(actor)
+        return actor
 
-    return _Replicas(new_replica, replicas)
+    def _load(self, actor) -> None:
+        actor.load.options(concurrency_group="load").remote(*self._model)
+
+    def discard(self) -> None:
+        """Stop the replicas started in advance (the run stopped before they were used)."""
+        import ray
+
+        for actor in self._waiting:
+            ray.kill(actor)
+        self._waiting = []
 
 
 def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_size: int, schema_version: str):
@@ -456,11 +523,11 @@ def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_siz
     )
 
 
-def _start_scheduler(dest, replicas: _Replicas, count: int, execution, report, *, manifest_ready: bool):
+def _start_scheduler(dest, replicas: _Replicas, execution, report, *, manifest_ready: bool):
     scheduler = Scheduler(
         dest,
         replicas.new_replica,
-        count,
+        replicas.count,
         max_attempts=execution.max_attempts,
         report=report,
         progress=execution.progress,
@@ -488,20 +555,25 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
     started = time.monotonic()
     _check_new_dest(dest)
     connect_ray(execution.address)
-    loaded = resolve_on_this_node(pinned.model, pinned.weights)
-    pinned = _resolved_thresholds(pinned, loaded.card)
-    batch_size = execution.batch_size or DEFAULT_BATCH_SIZE
-    settings = _inference_settings(pinned, loaded, batch_size, SCHEMA_VERSION)
-    report = RunReport(dest=dest)
-    replicas = _replicas(dest, loaded, settings, execution)
-    plan = Plan(
-        pinned.source,
-        shard_size=pinned.shard_size,
-        replicas=replicas.count,
-        slide_pattern=pinned.slide_pattern,
-    )
+    replicas = _Replicas(dest, execution)
+    try:
+        loaded = resolve_on_this_node(pinned.model, pinned.weights)
+        pinned = _resolved_thresholds(pinned, loaded.card)
+        batch_size = execution.batch_size or DEFAULT_BATCH_SIZE
+        settings = _inference_settings(pinned, loaded, batch_size, SCHEMA_VERSION)
+        replicas.load(loaded, settings)
+        plan = Plan(
+            pinned.source,
+            shard_size=pinned.shard_size,
+            replicas=replicas.count,
+            slide_pattern=pinned.slide_pattern,
+        )
+    except BaseException:
+        replicas.discard()
+        raise
     pinned = replace(pinned, shard_size=plan.shard_size)
-    scheduler = _start_scheduler(dest, replicas, replicas.count, execution, report, manifest_ready=False)
+    report = RunReport(dest=dest)
+    scheduler = _start_scheduler(dest, replicas, execution, report, manifest_ready=False)
     report.replicas_ready_s = time.monotonic() - started
     first_uris: list[str] = []
     with ManifestWriter(dest) as manifest:
@@ -546,7 +618,7 @@ def resume(
         RunError: no run, different settings or model, or unknown shard ids.
     """
     started = time.monotonic()
-    pinned, loaded = reopen(dest, overrides, execution.address)
+    pinned, run_json = reopen(dest, overrides)
     report = RunReport(dest=dest)
     reader = ManifestReader(dest)
     sizes = reader.shard_sizes()
@@ -563,12 +635,17 @@ def resume(
     if not todo:
         report.wall_s = time.monotonic() - started
         return report
-    run_json = commit.read_json(_run_json_uri(dest))
-    batch_size = _batch_size(run_json, execution.batch_size)
-    settings = _inference_settings(pinned, loaded, batch_size, run_json.get("schema_version", "1"))
-    replicas = _replicas(dest, loaded, settings, execution)
-    count = min(replicas.count, len(todo))
-    scheduler = _start_scheduler(dest, replicas, count, execution, report, manifest_ready=True)
+    connect_ray(execution.address)
+    replicas = _Replicas(dest, execution, at_most=len(todo))
+    try:
+        loaded = _resolve_the_runs_model(pinned, run_json)
+        batch_size = _batch_size(run_json, execution.batch_size)
+        settings = _inference_settings(pinned, loaded, batch_size, run_json.get("schema_version", "1"))
+        replicas.load(loaded, settings)
+    except BaseException:
+        replicas.discard()
+        raise
+    scheduler = _start_scheduler(dest, replicas, execution, report, manifest_ready=True)
     report.replicas_ready_s = time.monotonic() - started
     for shard_id in todo:
         scheduler.add(shard_id, sizes[shard_id])

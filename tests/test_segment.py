@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,34 @@ def test_resume_refuses_different_settings(finished_run, capsys):
     assert run("--resume", finished_run, "--score-threshold", "0.9") == 2
     err = capsys.readouterr().err.strip()
     assert "different settings" in err and len(err.splitlines()) == 1
+
+
+def test_resume_refuses_a_model_that_changed_and_leaves_no_replica_behind(
+    ray_local, finished_run, tmp_path, capsys
+):
+    from ray.util.state import list_actors
+
+    dest = tmp_path / "changed"
+    shutil.copytree(finished_run, dest)
+    (dest / "_commits" / "shard-00001.committed.json").unlink()
+    run_json = json.loads((dest / "run.json").read_text())
+    run_json["model"]["fingerprint"] = "sha256:" + "0" * 64  # as if the checkpoint was overwritten
+    (dest / "run.json").write_text(json.dumps(run_json))
+    assert run("--resume", dest) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the model changed since the run started" in err and len(err.splitlines()) == 1
+    assert not (dest / "_commits" / "shard-00001.committed.json").exists()
+    # Replicas are started while the model loads; none may outlive the refused resume.
+    deadline = time.monotonic() + 30
+    while True:
+        replicas = list_actors(
+            address=ray_local.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "ShardWorker"), ("state", "!=", "DEAD")],
+        )
+        if not replicas or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not replicas, replicas
 
 
 def test_failing_shard_is_retried_then_failed_with_resume_command(
