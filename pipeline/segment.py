@@ -185,7 +185,10 @@ def resolve_on_this_node(spec: str | None, weights: str | None) -> ResolvedModel
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(_load_model).options(num_cpus=0, num_returns=2, scheduling_strategy=here, max_retries=0)
+    # max_calls=1: the worker exits after loading, so its torch (about 0.7 GB) does not stay resident.
+    task = ray.remote(max_calls=1)(_load_model).options(
+        num_cpus=0, num_returns=2, scheduling_strategy=here, max_retries=0
+    )
     description_ref, weights_ref = task.remote(spec, weights)
     try:
         card, fingerprint = ray.get(description_ref)
