@@ -72,6 +72,13 @@ class SyntheticListing(pafs.FileSystemHandler):
     open_output_stream = open_append_stream = _read_only
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def s3_endpoint() -> Iterator[str]:
     """The S3 endpoint in ``AWS_ENDPOINT_URL``, or a ``moto_server`` on 127.0.0.1 for the block.
@@ -83,9 +90,7 @@ def s3_endpoint() -> Iterator[str]:
     if given:
         yield given
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

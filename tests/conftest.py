@@ -7,7 +7,6 @@ on 127.0.0.1 for the session.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from pathlib import Path
 
@@ -19,12 +18,6 @@ from pipeline.model import ModelCard, build_model, save_checkpoint
 from pipeline.synth import write_archive
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

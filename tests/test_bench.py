@@ -11,14 +11,15 @@ import pytest
 from tests.conftest import REPO
 
 
-def test_masks_benchmark_json_has_the_keys_and_checks_rle():
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "masks", "--cases", "128x5,96x3", "--repeats", "1", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
+def bench(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python -m jobs.bench ARGS`` in the repository, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.bench", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
     )
+
+
+def test_masks_benchmark_json_has_the_keys_and_checks_rle():
+    result = bench("masks", "--cases", "128x5,96x3", "--repeats", "1", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["size"], r["instances"]) for r in rows] == [(128, 5), (96, 3)]
@@ -30,13 +31,7 @@ def test_masks_benchmark_json_has_the_keys_and_checks_rle():
 
 def test_pipeline_benchmark_runs_on_a_tiny_input_and_reports_the_keys(random_model_path):
     flags = ["--images", "4", "--size", "96", "--shard-size", "2", "--memory-factor", "2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "pipeline", *flags, "--model", str(random_model_path), "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    result = bench("pipeline", *flags, "--model", str(random_model_path), "--json", timeout=600)
     assert result.returncode == 0, result.stderr
     row = json.loads(result.stdout)
     for key in ("ratio", "steady_ratio", "pipeline_images_per_s", "forward_images_per_s", "first_commit_s"):
@@ -52,13 +47,7 @@ def test_pipeline_benchmark_runs_on_a_tiny_input_and_reports_the_keys(random_mod
 
 
 def test_pipeline_benchmark_rejects_a_bad_flag_in_one_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "pipeline", "--images", "0"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = bench("pipeline", "--images", "0", timeout=60)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--images" in result.stderr
 
@@ -80,13 +69,7 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
     cv2.imwrite(str(real / "a.png"), image)
     cv2.imwrite(str(real / "a_labels.png"), labels)
     flags = ["--slides", "1", "--tiles-per-slide", "2", "--size", "96", "--real", str(real), "--json"]
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "robustness", "--model", str(random_model_path), *flags],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    result = bench("robustness", "--model", str(random_model_path), *flags, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["archive"] for r in rows] == ["in-distribution", *SHIFTS, "background-only", "real: real"]
@@ -105,13 +88,7 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
 
 
 def test_scale_benchmark_plans_generated_listings_and_scans_markers():
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "scale", "--sizes", "3000,9000", "--markers", "150", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    result = bench("scale", "--sizes", "3000,9000", "--markers", "150", "--json", timeout=600)
     assert result.returncode == 0, result.stderr
     small, large, scan = (json.loads(line) for line in result.stdout.splitlines())
     assert small["images"] == 3000 and large["images"] == 9000

@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, _free_port
+from pipeline.bench_scale import free_port
+from tests.conftest import REPO
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -61,7 +62,7 @@ def _alive_nodes(dashboard: str) -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A Ray head (1 logical GPU, 2 CPUs) and a worker node (1 CPU) on 127.0.0.1; yields the dashboard URL."""
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     logs = tmp_path_factory.mktemp("cluster-logs")
 
     def node_ports() -> list[str]:
@@ -69,7 +70,7 @@ def cluster(tmp_path_factory):
         flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"]
         flags += ["--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port"]
         flags += ["--object-manager-port"]
-        return [str(part) for flag in flags for part in (flag, _free_port())]
+        return [str(part) for flag in flags for part in (flag, free_port())]
 
     common = ["--disable-usage-stats", "--block"]
     head = subprocess.Popen(
