@@ -627,7 +627,7 @@ def resume(
     sizes = reader.shard_sizes()
     reader.close()
     if shards is None:
-        done = commit.shard_states(dest).committed
+        done = commit.committed_shards(dest)
         todo = [s for s in sorted(sizes) if s not in done]
         report.skipped = sorted(done & set(sizes))
     else:
