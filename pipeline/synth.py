@@ -279,18 +279,37 @@ def _resolve_occlusion(nuclei: list[Nucleus], height: int, width: int) -> tuple[
     shapes = [_shape_mask(n, height, width) for n in nuclei]
     full_area = np.array([m.sum() for m, _, _ in shapes])
     alive = full_area > 0
-    while True:
-        owner = np.zeros((height, width), np.int32)
-        for i, (mask, x0, y0) in enumerate(shapes):
-            if alive[i]:
-                view = owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
-                view[mask] = i + 1
-        visible = np.bincount(owner.ravel(), minlength=len(nuclei) + 1)[1:]
+    boxes = np.array([(x0, y0, x0 + m.shape[1], y0 + m.shape[0]) for m, x0, y0 in shapes]).reshape(-1, 4)
+
+    def paint(region: tuple[int, int, int, int]) -> None:
+        """Paint the alive nuclei that overlap ``region`` (x0, y0, x1, y1) into it, in order."""
+        rx0, ry0, rx1, ry1 = region
+        overlapping = (
+            alive & (boxes[:, 0] < rx1) & (boxes[:, 2] > rx0) & (boxes[:, 1] < ry1) & (boxes[:, 3] > ry0)
+        )
+        for i in np.flatnonzero(overlapping):
+            mask, x0, y0 = shapes[i]
+            cx0, cy0 = max(x0, rx0), max(y0, ry0)
+            cx1, cy1 = min(x0 + mask.shape[1], rx1), min(y0 + mask.shape[0], ry1)
+            view = owner[cy0:cy1, cx0:cx1]
+            view[mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]] = i + 1
+
+    owner = np.zeros((height, width), np.int32)
+    paint((0, 0, width, height))
+    visible = np.bincount(owner.ravel(), minlength=len(nuclei) + 1)[1:]
+    while len(nuclei):
         hidden = np.where(alive, 1 - visible / np.maximum(full_area, 1), 0)
-        worst = int(np.argmax(hidden)) if len(nuclei) else 0
-        if not len(nuclei) or hidden[worst] <= MAX_HIDDEN_FRACTION:
+        worst = int(np.argmax(hidden))
+        if hidden[worst] <= MAX_HIDDEN_FRACTION:
             break
         alive[worst] = False
+        # Removing a nucleus changes ownership only inside its box: repaint that box alone.
+        x0, y0, x1, y1 = boxes[worst]
+        before = owner[y0:y1, x0:x1].copy()
+        owner[y0:y1, x0:x1] = 0
+        paint((x0, y0, x1, y1))
+        visible -= np.bincount(before.ravel(), minlength=len(nuclei) + 1)[1:]
+        visible += np.bincount(owner[y0:y1, x0:x1].ravel(), minlength=len(nuclei) + 1)[1:]
     keep = np.flatnonzero(alive)
     remap = np.zeros(len(nuclei) + 1, np.int32)
     remap[keep + 1] = np.arange(1, len(keep) + 1)
@@ -386,19 +405,28 @@ class Tile:
         return data.tobytes()
 
 
-def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appearance = TRAINING) -> Tile:
-    """Render one tile with its ground truth; deterministic per arguments."""
-    rng = np.random.default_rng([seed, slide, tile])
-    style = TileStyle.draw(rng, look)
-    placed = _place_nuclei(rng, size, look, style)
-    if np.random.default_rng([seed, slide, tile, 1]).random() < look.empty_fraction:
-        placed = []  # a separate stream, so a tile with nuclei is the same whatever the fraction
-    nuclei, owner = _resolve_occlusion(placed, size, size)
-    signal = _nuclei_signal(rng, nuclei, owner)
+def _camera(
+    rng: np.random.Generator,
+    style: TileStyle,
+    signal: np.ndarray,
+    height: int,
+    width: int,
+    field_cells: int = 0,
+) -> np.ndarray:
+    """The stored pixels of an emitted ``signal`` (float32, height x width): background, debris,
+    uneven illumination, blur, shot and read noise, digitisation to the style's file type.
 
-    illumination = 1 - style.unevenness * _smooth_field(rng, size, size, 3)
-    autofluorescence = style.background * (0.5 + _smooth_field(rng, size, size, 6))
-    intensity = (autofluorescence + signal + _debris(rng, size)) * illumination
+    ``field_cells``: cells of the illumination and background fields along the
+    longer side (0: 3 and 6, one microscope field per tile).
+    """
+    size = max(height, width)
+    light_cells, background_cells = (field_cells, 2 * field_cells) if field_cells else (3, 6)
+    illumination = 1 - style.unevenness * _smooth_field(rng, size, size, light_cells)[:height, :width]
+    autofluorescence = style.background * (
+        0.5 + _smooth_field(rng, size, size, background_cells)[:height, :width]
+    )
+    debris = _debris(rng, size)[:height, :width]
+    intensity = (autofluorescence + signal + debris) * illumination
     intensity = cv2.GaussianBlur(intensity, (0, 0), style.blur)
 
     expected = np.clip(intensity, 0, None) * style.photons
@@ -413,9 +441,21 @@ def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appeara
         tint = np.array([rng.uniform(0, 0.6), rng.uniform(0, 0.6), 1.0], np.float32)
         if rng.random() < 0.3:
             tint[:] = 1.0
-        pixels = (digital[..., None] * tint + 0.5).astype(dtype)
-    else:
-        pixels = (digital + 0.5).astype(dtype)
+        return (digital[..., None] * tint + 0.5).astype(dtype)
+    return (digital + 0.5).astype(dtype)
+
+
+def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appearance = TRAINING) -> Tile:
+    """Render one tile with its ground truth; deterministic per arguments."""
+    rng = np.random.default_rng([seed, slide, tile])
+    style = TileStyle.draw(rng, look)
+    placed = _place_nuclei(rng, size, look, style)
+    if np.random.default_rng([seed, slide, tile, 1]).random() < look.empty_fraction:
+        placed = []  # a separate stream, so a tile with nuclei is the same whatever the fraction
+    nuclei, owner = _resolve_occlusion(placed, size, size)
+    signal = _nuclei_signal(rng, nuclei, owner)
+
+    pixels = _camera(rng, style, signal, size, size)
     return Tile(pixels, owner, [1] * len(nuclei), style.file_type)
 
 
@@ -478,6 +518,164 @@ def write_archive(
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)],
+    }
+    path = dest / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+SLIDE_MPP = 0.5
+"""µm per level-0 pixel stated by synthetic slides (the nuclei are drawn at the training sizes)."""
+
+
+def _tissue(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A bool mask of 1 to 3 irregular tissue pieces covering roughly a third of the slide."""
+    small = _smooth_field(rng, 64, 64, 5) + 0.35 * _smooth_field(rng, 64, 64, 12)
+    yy, xx = np.mgrid[0:64, 0:64] / 63.0
+    # Pieces stay off the slide's border, so the border is glass (where the background is measured).
+    vignette = np.minimum.reduce([xx, 1 - xx, yy, 1 - yy]) > 0.08
+    threshold = np.quantile(small[vignette], 0.62)
+    coarse = ((small > threshold) & vignette).astype(np.uint8)
+    return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR).astype(bool)
+
+
+@dataclass(frozen=True)
+class SyntheticSlide:
+    """A rendered slide: RGB pixels (H, W, 3) uint8, the label map int32 (H, W), the tissue mask."""
+
+    pixels: np.ndarray
+    instances: np.ndarray
+    tissue: np.ndarray
+
+
+def render_slide(seed: int, slide: int, size: int = 3072, look: Appearance = TRAINING) -> SyntheticSlide:
+    """A fluorescence slide: tissue pieces packed with nuclei, glass (dark, noisy, specks) elsewhere.
+
+    Nuclei are placed over the whole slide at once (so they cross any window
+    seam), with the training looks; stored as tinted 8-bit RGB like a scanner's.
+    """
+    rng = np.random.default_rng([seed, slide, 999_999])
+    style = replace(TileStyle.draw(rng, look), file_type="rgb8", unevenness=rng.uniform(0.0, 0.3))
+    tissue = _tissue(rng, size, size)
+    ys, xs = np.nonzero(tissue[::4, ::4])
+    count = int(len(ys) * 16 / 900)  # about one nucleus per 900 px^2 of tissue
+    picks = rng.integers(0, len(ys), count) if len(ys) else np.zeros(0, int)
+    nuclei = [
+        _sample_nucleus(
+            rng, look, style, float(xs[i] * 4 + rng.uniform(0, 4)), float(ys[i] * 4 + rng.uniform(0, 4))
+        )
+        for i in picks
+    ]
+    nuclei, owner = _resolve_occlusion(nuclei, size, size)
+    signal = _nuclei_signal(rng, nuclei, owner)
+    pixels = _camera(rng, style, signal, size, size, field_cells=max(3, size // 1024 * 3))
+    return SyntheticSlide(pixels, owner, tissue)
+
+
+def write_slide(
+    path: str | Path,
+    pixels: np.ndarray,
+    *,
+    mpp: float = SLIDE_MPP,
+    levels: int = 3,
+    compression: str = "jpeg",
+) -> None:
+    """Write RGB ``pixels`` as an Aperio-style SVS: tiled level 0 (JPEG quality 90, or ``compression``),
+    a thumbnail page, then levels downsampled 4x each, the pixel size in the ImageDescription."""
+    height, width = pixels.shape[:2]
+    description = (
+        f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB Q=90"
+        f"|AppMag = 20|MPP = {mpp}|Filename = {Path(path).stem}"
+    )
+    options = {
+        "photometric": "rgb",
+        "compression": compression,
+        "compressionargs": {"level": 90} if compression == "jpeg" else {},
+        "metadata": None,
+    }
+    pyramid = [pixels]
+    for _ in range(levels - 1):
+        last = pyramid[-1]
+        pyramid.append(
+            cv2.resize(
+                last, (max(1, last.shape[1] // 4), max(1, last.shape[0] // 4)), interpolation=cv2.INTER_AREA
+            )
+        )
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(pyramid[0], tile=(256, 256), description=description, **options)
+        thumbnail = cv2.resize(
+            pixels, (max(1, width // 32), max(1, height // 32)), interpolation=cv2.INTER_AREA
+        )
+        tif.write(
+            thumbnail,
+            description=f"Aperio Image Library v12.0.15 \r\n{width}x{height} -> thumbnail",
+            **options,
+        )
+        for level in pyramid[1:]:
+            tif.write(level, tile=(256, 256), description=description, **options)
+
+
+def _label_boxes(instances: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """(row0, row1, col0, col1) of every label > 0 of a label map (end-exclusive)."""
+    flat = np.flatnonzero(instances)
+    labels = instances.flat[flat]
+    order = np.argsort(labels, kind="stable")
+    flat, labels = flat[order], labels[order]
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else np.zeros(0, int)
+    rows, cols = np.divmod(flat, instances.shape[1])
+    boxes = zip(
+        np.minimum.reduceat(rows, starts) if len(starts) else [],
+        np.maximum.reduceat(rows, starts) + 1 if len(starts) else [],
+        np.minimum.reduceat(cols, starts) if len(starts) else [],
+        np.maximum.reduceat(cols, starts) + 1 if len(starts) else [],
+        strict=True,
+    )
+    return {int(labels[s]): tuple(int(v) for v in box) for s, box in zip(starts, boxes, strict=True)}
+
+
+def slide_annotations(instances: np.ndarray) -> list[dict]:
+    """COCO annotations (without ids) of a slide's label map, in level-0 slide coordinates."""
+    from pipeline.masks import Crop, encode_crops
+
+    crops = [
+        Crop(instances[r0:r1, c0:c1] == label, c0, r0)
+        for label, (r0, r1, c0, c1) in _label_boxes(instances).items()
+    ]
+    encoded = encode_crops(crops, instances.shape)
+    annotations = []
+    for i, crop in enumerate(crops):
+        h, w = crop.mask.shape
+        annotations.append(
+            {
+                "category_id": 1,
+                "segmentation": {"size": list(instances.shape), "counts": encoded["rle"][i]},
+                "area": float(encoded["area"][i]),
+                "bbox": [float(crop.x0), float(crop.y0), float(w), float(h)],
+                "iscrowd": 0,
+            }
+        )
+    return annotations
+
+
+def write_slide_archive(dest: str | Path, *, slides: int = 2, size: int = 3072, seed: int = 0) -> Path:
+    """Write ``slides`` SVS slides (``DEST/slide-NNN.svs``) and their COCO ground truth in level-0
+    slide coordinates (``DEST/annotations.json``, one image per slide); return its path."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(slides):
+        rendered = render_slide(seed, index, size)
+        file_name = f"slide-{index:03d}.svs"
+        write_slide(dest / file_name, rendered.pixels)
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        for annotation in slide_annotations(rendered.instances):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
+    coco = {
+        "info": {"description": f"synthetic slides, seed {seed}, {SLIDE_MPP} um/px", "version": "2"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "nucleus"}],
     }
     path = dest / "annotations.json"
     path.write_text(json.dumps(coco))
