@@ -4,6 +4,7 @@ python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
 python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR] [--json]
 python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
+python -m jobs.bench slide [--slides 2] [--size 4096] [--tile-size 1024] [--model M] [--device D] [--json]
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--markers", type=int, default=10_000, help="markers in the resume scan")
     scale.add_argument("--per-folder", type=int, default=1000, help="images per slide folder")
     scale.add_argument("--json", action="store_true", help="one JSON object per line")
+    slide = sub.add_parser("slide", help="whole slides: window reads, forward, the job; mm² and cells per s")
+    slide.add_argument("--slides", type=int, default=2, help="synthetic SVS slides (default 2)")
+    slide.add_argument("--size", type=int, default=4096, help="slide side in px (default 4096)")
+    slide.add_argument("--tile-size", type=int, default=1024, help="window side in px (default 1024)")
+    slide.add_argument("--model", help="checkpoint or torchvision:NAME (default: the bundled model)")
+    slide.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    slide.add_argument("--batch-size", type=int, default=4)
+    slide.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args(argv)
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
@@ -67,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return _robustness(parser, args)
     if args.name == "scale":
         return _scale(parser, args)
+    if args.name == "slide":
+        return _slide(parser, args)
     cases = MASK_CASES
     if args.cases:
         try:
@@ -155,6 +166,29 @@ def _scale(parser, args) -> int:
 
     for row in bench_scale(sizes, markers=args.markers, per_folder=args.per_folder):
         print(json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+def _slide(parser, args) -> int:
+    parser.require_positive(args, "slides", "size", "tile_size", "batch_size")
+    if args.tile_size <= 64:
+        parser.error("--tile-size must be larger than the 64 px overlap")
+    from pipeline.bench_slide import bench_slide
+
+    result = bench_slide(
+        slides=args.slides,
+        size=args.size,
+        tile_size=args.tile_size,
+        model=args.model,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{_machine()}, {args.device}")
+    for key, value in result.items():
+        print(f"{key:>24}: {value}")
     return 0
 
 

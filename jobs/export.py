@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jobs._cli import ArgumentParser, fail_usage
 from pipeline import storage
-from pipeline.export import coco_results, geojson
+from pipeline.export import coco_results, write_geojson
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 mapping.write_text(json.dumps(images, indent=1))
                 message += f" and their {len(images)} images to {mapping}"
         else:
-            collection = geojson(args.dest, slide=args.slide, image=args.image)
-            output.write_text(json.dumps(collection))
-            message = f"wrote {len(collection['features'])} features to {output}"
+            with output.open("w") as stream:
+                count = write_geojson(args.dest, stream, slide=args.slide, image=args.image)
+            message = f"wrote {count} features to {output}"
     except (OSError, ValueError) as exc:
         return fail_usage(parser.prog, str(exc))
     print(message)

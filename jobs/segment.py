@@ -68,6 +68,27 @@ def _parser() -> ArgumentParser:
         type=int,
         help=f"larger images get status too_large (default {segment.DEFAULT_MAX_PIXELS})",
     )
+    slides = parser.add_argument_group("whole slides (pinned in run.json; see README 'Whole slides')")
+    slides.add_argument(
+        "--tile-size",
+        type=int,
+        help=f"window side in px the model sees (default {segment.DEFAULT_TILE_SIZE})",
+    )
+    slides.add_argument(
+        "--tile-overlap",
+        type=int,
+        help="px shared by neighbouring windows, even (default: the model card's largest object, 64 for "
+        "the bundled model)",
+    )
+    slides.add_argument("--mpp", type=float, help="µm per px the model sees (default: level 0 as it is)")
+    slides.add_argument(
+        "--mpp-override", type=float, help="µm per level-0 px of every slide (replaces theirs)"
+    )
+    slides.add_argument(
+        "--tissue",
+        choices=("auto", "all"),
+        help="auto: windows only where tissue is found on a low-resolution level (default); all: everywhere",
+    )
     run = parser.add_argument_group("execution")
     run.add_argument(
         "--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)"
@@ -101,6 +122,7 @@ def _check(parser: ArgumentParser, args) -> None:
         "--replicas": args.replicas,
         "--max-detections": args.max_detections,
         "--max-pixels": args.max_pixels,
+        "--tile-size": args.tile_size,
     }
     for flag, value in positive.items():
         if value is not None and value < 1:
@@ -113,8 +135,17 @@ def _check(parser: ArgumentParser, args) -> None:
     for flag, value in fractions.items():
         if value is not None and not 0 <= value <= 1:
             parser.error(f"{flag} must be in [0, 1], got {value}")
-    if args.pixel_size_um is not None and not args.pixel_size_um > 0:
-        parser.error(f"--pixel-size-um must be > 0, got {args.pixel_size_um}")
+    for flag, value in {
+        "--pixel-size-um": args.pixel_size_um,
+        "--mpp": args.mpp,
+        "--mpp-override": args.mpp_override,
+    }.items():
+        if value is not None and not value > 0:
+            parser.error(f"{flag} must be > 0, got {value}")
+    if args.tile_overlap is not None:
+        tile = args.tile_size or segment.DEFAULT_TILE_SIZE
+        if args.tile_overlap < 0 or args.tile_overlap % 2 or args.tile_overlap >= tile:
+            parser.error(f"--tile-overlap must be even and in [0, {tile}), got {args.tile_overlap}")
     if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
         parser.error("--gpus-per-replica must be >= 0")
 
@@ -150,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         "exclusive_pixels": args.exclusive_pixels,
         "channel": parse_channel(args.channel) if args.channel is not None else None,
         "pixel_size_um": args.pixel_size_um,
+        "tile_size": args.tile_size,
+        "tile_overlap": args.tile_overlap,
+        "mpp": args.mpp,
+        "mpp_override": args.mpp_override,
+        "tissue": args.tissue,
     }
     execution = segment.ExecutionSettings(
         address=args.address,

@@ -1,7 +1,8 @@
-"""Write a synthetic nuclei archive with COCO ground truth.
+"""Write a synthetic nuclei archive with COCO ground truth: tiles, or whole slides (SVS).
 
 python -m jobs.synth DEST --slides 4 --tiles-per-slide 16 --size 256 --seed 0 \
     [--shift NAME] [--empty-fraction F]
+python -m jobs.synth DEST --whole-slides --slides 2 [--size 3072] [--seed 0]
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from dataclasses import replace
 
 from jobs._cli import ArgumentParser
-from pipeline.synth import SHIFTS, TRAINING, write_archive
+from pipeline.synth import SHIFTS, SLIDE_MPP, TRAINING, write_archive, write_slide_archive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", help="output folder: DEST/<slide>/<tile>.png, DEST/annotations.json")
     parser.add_argument("--slides", type=int, default=4)
     parser.add_argument("--tiles-per-slide", type=int, default=16)
-    parser.add_argument("--size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--size", type=int, help="tile side in pixels (default 256; --whole-slides: 3072)")
+    parser.add_argument(
+        "--whole-slides",
+        action="store_true",
+        help="write pyramidal SVS slides (DEST/slide-NNN.svs, tissue with nuclei on glass, JPEG tiles, "
+        f"{SLIDE_MPP} µm/px) with COCO ground truth in level-0 slide coordinates",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--shift",
@@ -31,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"fraction of tiles with no nucleus, background only (default {TRAINING.empty_fraction})",
     )
     args = parser.parse_args(argv)
+    args.size = args.size or (3072 if args.whole_slides else 256)
     parser.require_positive(args, "slides", "tiles_per_slide", "size")
+    if args.whole_slides:
+        if args.shift or args.empty_fraction is not None:
+            parser.error("--shift and --empty-fraction are for tile archives")
+        path = write_slide_archive(args.dest, slides=args.slides, size=args.size, seed=args.seed)
+        print(f"wrote {args.slides} slides of {args.size}x{args.size} px and {path}")
+        return 0
     if args.empty_fraction is not None and not 0 <= args.empty_fraction <= 1:
         parser.error("--empty-fraction must be in [0, 1]")
     look = SHIFTS[args.shift] if args.shift else TRAINING

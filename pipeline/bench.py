@@ -45,6 +45,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from pipeline import evaluate, features, masks, segment, synth
 from pipeline.infer import detect
 from pipeline.model import resolve_model
+from pipeline.plan import plain_image_row
 from pipeline.worker import InferenceSettings, ShardProcessor
 
 MASK_CASES = ((1024, 50), (1024, 200), (1024, 500), (2048, 500))
@@ -255,7 +256,7 @@ def bare_forward_images_per_s(
     processor = ShardProcessor(
         loaded.card, loaded.module.state_dict(), settings, device=device, threads=threads
     )
-    arrays = [processor.prepare(str(p))[1] for p in image_paths]
+    arrays = [processor.prepare(plain_image_row(str(p)))[1] for p in image_paths]
     batches = [processor.to_device(arrays[i : i + batch_size]) for i in range(0, len(arrays), batch_size)]
     detect(processor.model, batches[0], autocast=processor.autocast)
 

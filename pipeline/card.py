@@ -41,6 +41,8 @@ class ModelCard:
             (:class:`pipeline.preprocess.Preprocessing`); a checkpoint written
             without one gets :data:`pipeline.preprocess.LEGACY`, which says so.
         score_threshold, mask_threshold, max_detections: default thresholds.
+        largest_object_px: the largest object the model is meant to find, in
+            input pixels; the default window overlap on whole slides.
         training: provenance (command, seed, steps, duration), free form.
     """
 
@@ -54,6 +56,7 @@ class ModelCard:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     max_detections: int = 500
+    largest_object_px: int = 64
     preprocessing: Preprocessing = preprocess.LEGACY
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -97,5 +100,7 @@ class InferenceSettings:
     exclusive_pixels: bool = False
     pixel_size_um: float | None = None
     """µm per pixel for every image (``--pixel-size-um``); None: each file's own, if it states one."""
+    slide_mpp_override: float | None = None
+    """µm per level-0 pixel of every slide (``--mpp-override``); None: each slide's own."""
     schema_version: str = SCHEMA_VERSION
     """The table schema version of the run (a run resumed keeps the version it started with)."""

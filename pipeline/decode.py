@@ -90,7 +90,7 @@ def _pillow_pixels(image: Image.Image) -> RawImage:
     return RawImage(np.asarray(image), default_channel_names(3, rgb=True))
 
 
-def _ome_channel_names(tif: tifffile.TiffFile, count: int) -> tuple[str, ...] | None:
+def ome_channel_names(tif: tifffile.TiffFile, count: int) -> tuple[str, ...] | None:
     """Channel names from OME-XML when it names exactly ``count`` channels, else None."""
     if not tif.is_ome:
         return None
@@ -110,7 +110,7 @@ def _plausible(pixel_size_um: float | None) -> float | None:
     return pixel_size_um if pixel_size_um is not None and low <= pixel_size_um <= high else None
 
 
-def _tiff_pixel_size_um(tif: tifffile.TiffFile) -> float | None:
+def tiff_pixel_size_um(tif: tifffile.TiffFile) -> float | None:
     """Pixel size (µm) from OME PhysicalSizeX, ImageJ's unit and resolution, or a centimetre resolution."""
     if tif.is_ome:
         try:
@@ -170,8 +170,8 @@ def _tiff_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError:
             pixels = pixels.astype(np.float32)
         elif pixels.dtype == bool:
             pixels = pixels.astype(np.uint8) * 255
-        names = _ome_channel_names(tif, pixels.shape[2]) or default_channel_names(pixels.shape[2], rgb=rgb)
-        return RawImage(np.ascontiguousarray(pixels), names, _tiff_pixel_size_um(tif))
+        names = ome_channel_names(tif, pixels.shape[2]) or default_channel_names(pixels.shape[2], rgb=rgb)
+        return RawImage(np.ascontiguousarray(pixels), names, tiff_pixel_size_um(tif))
 
 
 _SIGNATURES = (

@@ -19,6 +19,7 @@ run's source (COCO ``file_name``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -33,9 +34,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline import commit, masks, preprocess, storage
-from pipeline.decode import DecodeError, read_and_decode
+from pipeline.decode import DecodeError, RawImage, read_and_decode
 from pipeline.preprocess import model_input
+from pipeline.slides import Slide, is_slide_candidate
 from pipeline.stats import read_table
+from pipeline.windows import window_mask_to_slide
 
 MAX_DETECTIONS = 1000
 BASELINE_MIN_AREA = 12
@@ -77,8 +80,26 @@ def load(dest: str, annotations: str) -> Matched:
     return Matched(coco, images, instances)
 
 
-def detections_from_instances(instances: pd.DataFrame) -> list[dict]:
-    """COCO results (segmentation RLE, bbox xywh, score, category_id = label) of a run's rows."""
+def detections_from_instances(instances: pd.DataFrame, coco: COCO | None = None) -> list[dict]:
+    """COCO results (segmentation RLE, bbox xywh, score, category_id = label) of a run's rows.
+
+    Rows of slide windows get their masks moved from the window's frame onto
+    the slide (sized as ``coco``'s image ``gt_id``).
+    """
+    if coco is not None and "tile_x0" in instances:
+        height = instances["gt_id"].map(lambda i: coco.imgs[int(i)]["height"])
+        width = instances["gt_id"].map(lambda i: coco.imgs[int(i)]["width"])
+        in_window = (
+            (instances["tile_x0"].fillna(0) != 0)
+            | (instances["tile_y0"].fillna(0) != 0)
+            | (instances["tile_downsample"].fillna(1) != 1)
+            | (instances["height"] != height)
+            | (instances["width"] != width)
+        )
+        if in_window.any():
+            return detections_from_instances(instances[~in_window]) + _slide_detections(
+                instances[in_window], coco
+            )
     return [
         {
             "image_id": int(row.gt_id),
@@ -91,10 +112,38 @@ def detections_from_instances(instances: pd.DataFrame) -> list[dict]:
     ]
 
 
+def _slide_detections(instances: pd.DataFrame, coco: COCO) -> list[dict]:
+    detections = []
+    for gt_id, group in instances.groupby("gt_id"):
+        image = coco.imgs[int(gt_id)]
+        crops = [
+            window_mask_to_slide(
+                mask_utils.decode({"size": [int(r.height), int(r.width)], "counts": r.rle}).astype(bool),
+                r.tile_x0,
+                r.tile_y0,
+                r.tile_downsample,
+            )
+            for r in group.itertuples()
+        ]
+        encoded = masks.encode_crops(crops, (image["height"], image["width"]))
+        for row, rle in zip(group.itertuples(), encoded["rle"], strict=True):
+            detections.append(
+                {
+                    "image_id": int(gt_id),
+                    "category_id": int(row.label),
+                    "segmentation": {"size": [image["height"], image["width"]], "counts": rle},
+                    "bbox": [float(row.x0), float(row.y0), float(row.x1 - row.x0), float(row.y1 - row.y0)],
+                    "score": float(row.score),
+                }
+            )
+    return detections
+
+
 def coco_ap(
     coco: COCO, detections: list[dict], image_ids: list[int], iou_type: str, *, use_cats: bool = True
 ):
-    """AP (0.5:0.95), AP50, AP75 and per-category AP at maxDets :data:`MAX_DETECTIONS`."""
+    """AP (0.5:0.95), AP50, AP75 and per-category AP at maxDets :data:`MAX_DETECTIONS`, or more for
+    an image (a whole slide) with more detections than that."""
     categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
     if not detections:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, **{f"AP.{name}": 0.0 for name in categories.values()}}
@@ -102,7 +151,8 @@ def coco_ap(
         results = coco.loadRes([dict(d) for d in detections])
         evaluator = COCOeval(coco, results, iou_type)
         evaluator.params.imgIds = sorted(image_ids)
-        evaluator.params.maxDets = [1, 10, MAX_DETECTIONS]
+        most = max(collections.Counter(d["image_id"] for d in detections).values())
+        evaluator.params.maxDets = [1, 10, max(MAX_DETECTIONS, most)]
         evaluator.params.useCats = int(use_cats)
         evaluator.evaluate()
         evaluator.accumulate()
@@ -147,8 +197,8 @@ def baseline_detections(images: pd.DataFrame, max_pixels: int = 10**9) -> list[d
     want of a contrast stretch.
     """
     detections = []
-    for row in images.itertuples():
-        raw = read_and_decode(row.uri, max_pixels=max_pixels)
+    for row in images.drop_duplicates("gt_id").itertuples():  # a slide's windows: the slide once
+        raw = _whole_image(row.uri, max_pixels)
         prepared = model_input(raw.pixels, preprocess.DEFAULT, channel_names=raw.channel_names)[0]
         gray = cv2.GaussianBlur((prepared * 255 + 0.5).astype(np.uint8), (0, 0), 1.0)
         _, foreground = cv2.threshold(gray, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
@@ -173,6 +223,21 @@ def baseline_detections(images: pd.DataFrame, max_pixels: int = 10**9) -> list[d
     return detections
 
 
+def _whole_image(uri: str, max_pixels: int) -> RawImage:
+    """An image file decoded, or a slide file's level 0 read whole (small test slides only)."""
+    if not is_slide_candidate(uri, None):
+        return read_and_decode(uri, max_pixels=max_pixels)
+    slide = Slide(uri)
+    try:
+        if slide.info.width * slide.info.height > max_pixels:
+            raise ValueError(
+                f"{uri} is too large for the baseline ({slide.info.width} x {slide.info.height})"
+            )
+        return RawImage(slide.read_region(0, 0, 0, slide.info.width, slide.info.height), slide.info.channels)
+    finally:
+        slide.close()
+
+
 def _per_image_counts(detections: list[dict], image_ids) -> pd.Series:
     counts = pd.Series(0, index=sorted(image_ids), dtype="int64")
     observed = pd.Series([d["image_id"] for d in detections], dtype="int64").value_counts()
@@ -184,8 +249,8 @@ def evaluate(dest: str, annotations: str) -> tuple[dict[str, float], dict[str, p
     """All scores of the run at ``dest`` (flat dict) and the per-slide / per-class count tables."""
     matched = load(dest, annotations)
     coco, images, instances = matched.coco, matched.images, matched.instances
-    image_ids = images["gt_id"].tolist()
-    detections = detections_from_instances(instances)
+    image_ids = sorted(images["gt_id"].unique().tolist())  # a slide's windows share its id
+    detections = detections_from_instances(instances, coco)
     scores: dict[str, float] = {"images": len(images), "instances": len(instances)}
     for iou_type in ("segm", "bbox"):
         for key, value in coco_ap(coco, detections, image_ids, iou_type).items():
@@ -222,7 +287,7 @@ def _count_table(
 ) -> pd.DataFrame:
     """Per slide and class: predicted and ground-truth counts."""
     names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-    slide_of = images.set_index("gt_id")["slide_id"]
+    slide_of = images.drop_duplicates("gt_id").set_index("gt_id")["slide_id"]
     truth = truth.assign(slide_id=truth["gt_id"].map(slide_of), class_name=truth["label"].map(names))
     gt = truth.groupby(["slide_id", "class_name"]).size().rename("gt_count")
     pred = instances.groupby(["slide_id", "class_name"]).size().rename("count")

@@ -7,8 +7,9 @@
   they are the run's ``image_id`` and an images list (id, file_name, height,
   width) is returned to go with them. ``category_id`` is the model's label
   (1-based index into the card's classes).
-* GeoJSON: a FeatureCollection with one Feature per instance: its polygon in
-  the tile's pixel coordinates, ``objectType: detection``, a
+* GeoJSON: a FeatureCollection with one Feature per instance, streamed to
+  disk: its polygon in the tile's pixel coordinates (a whole slide's: in
+  QuPath's frame for the slide, level-0 pixels less the bounds offset), ``objectType: detection``, a
   ``classification`` (name and RGB colour) and ``measurements`` (area and
   perimeter in px, score, the shape features, µm sizes where the pixel size is
   known, mean raw intensity per channel), as QuPath imports them. Tiles are separate images,
@@ -18,14 +19,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+from typing import TextIO
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import shapely
 
 from pipeline import commit, features, storage
 from pipeline.evaluate import detections_from_instances, load
-from pipeline.stats import read_table
+from pipeline.stats import dataset, read_slides, read_table
 
 CLASS_COLOURS = (
     (31, 119, 180),
@@ -69,14 +73,6 @@ def coco_results(dest: str, annotations: str | None = None) -> tuple[list[dict],
     return detections_from_instances(instances), listed
 
 
-def _select(instances: pd.DataFrame, slide: str | None, image: str | None) -> pd.DataFrame:
-    if slide is not None:
-        instances = instances[instances["slide_id"] == slide]
-    if image is not None:
-        instances = instances[instances["uri"] == image]
-    return instances
-
-
 MEASUREMENTS = (
     "area",
     "perimeter",
@@ -90,50 +86,95 @@ MEASUREMENTS = (
 """Scalar instance columns exported as QuPath measurements (those the run has; nulls left out)."""
 
 
-def _measurements(row) -> dict[str, float]:
-    """A QuPath ``measurements`` dict: the scalar columns, and intensity means per channel (index)."""
-    values = {name: float(getattr(row, name)) for name in MEASUREMENTS if hasattr(row, name)}
-    means = getattr(row, "intensity_mean", None)
-    for index, value in enumerate([] if means is None else means):
-        values[f"intensity_mean[{index}]"] = float(value)
-    return {name: value for name, value in values.items() if math.isfinite(value)}
+def write_geojson(dest: str, stream: TextIO, *, slide: str | None = None, image: str | None = None) -> int:
+    """Write a GeoJSON FeatureCollection of the run's instances on ``slide`` and/or ``image`` (a tile
+    URI) to the text ``stream``, a batch of rows at a time; return the number of features.
 
-
-def geojson(dest: str, *, slide: str | None = None, image: str | None = None) -> dict:
-    """A GeoJSON FeatureCollection of the run's instances on ``slide`` and/or ``image`` (a tile URI).
+    A whole slide's features are in the frame QuPath shows the slide in:
+    level-0 pixels less the slide's bounds offset (``slides.bounds_x/y``,
+    non-zero for vendors whose viewers crop to the scanned area).
 
     Raises:
         ValueError: neither is given, or nothing of the run matches them.
     """
     if slide is None and image is None:
         raise ValueError("give a slide or an image to export")
-    instances = _select(read_table(dest, "instances"), slide, image)
-    if instances.empty:
-        images = _select(read_table(dest, "images", columns=["uri", "slide_id"]), slide, image)
-        if images.empty:
-            raise ValueError(
-                f"the run at {storage.redact(dest)} has no "
-                + (f"slide {slide!r}" if slide is not None else f"image {image!r}")
-            )
-    geometries = shapely.from_wkb(instances["polygon"].to_numpy())
-    features = []
-    for row, geometry in zip(instances.itertuples(), geometries, strict=True):
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": shapely.geometry.mapping(geometry),
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": row.class_name, "color": list(class_colour(row.label))},
-                    "measurements": _measurements(row),
-                    "image": storage.redact(row.uri),
-                    "instance_id": int(row.instance_id),
-                },
-            }
+    wanted = [
+        pc.field(name) == value for name, value in (("slide_id", slide), ("uri", image)) if value is not None
+    ]
+    where = wanted[0] if len(wanted) == 1 else wanted[0] & wanted[1]
+    if dataset(dest, "images").count_rows(filter=where) == 0:
+        raise ValueError(
+            f"the run at {storage.redact(dest)} has no "
+            + (f"slide {slide!r}" if slide is not None else f"image {image!r}")
         )
+    offset = _bounds_offset(dest, slide)
+    instances = dataset(dest, "instances")
+    names = set(instances.schema.names)
+    measured = [name for name in MEASUREMENTS if name in names]
+    columns = ["uri", "instance_id", "label", "class_name", "polygon", *measured]
+    columns += ["intensity_mean"] if "intensity_mean" in names else []
     run = commit.read_json(storage.join(dest, "run.json"))
-    return {
-        "type": "FeatureCollection",
-        "features": features,
-        "properties": {"model": run["model"]["card"]["name"], "slide": slide, "image": image},
-    }
+    header = {"model": run["model"]["card"]["name"], "slide": slide, "image": image}
+    stream.write('{"type": "FeatureCollection", "properties": ' + json.dumps(header) + ', "features": [')
+    count = 0
+    for batch in instances.to_batches(columns=columns, filter=where):
+        if not batch.num_rows:
+            continue
+        geometries = shapely.from_wkb(batch.column("polygon").to_numpy(zero_copy_only=False))
+        if offset != (0, 0):
+            geometries = shapely.transform(geometries, lambda xy: xy - offset)
+        shapes = shapely.to_geojson(geometries)
+        values = _measurements(batch, measured)
+        for k, (uri, instance_id, label, class_name) in enumerate(
+            zip(
+                *(batch.column(c).to_pylist() for c in ("uri", "instance_id", "label", "class_name")),
+                strict=True,
+            )
+        ):
+            properties = {
+                "objectType": "detection",
+                "classification": {"name": class_name, "color": list(class_colour(label))},
+                "measurements": values[k],
+                "image": storage.redact(uri),
+                "instance_id": instance_id,
+            }
+            separator = ", " if count else ""
+            feature = (
+                f'{{"type": "Feature", "geometry": {shapes[k]}, "properties": {json.dumps(properties)}}}'
+            )
+            stream.write(separator + feature)
+            count += 1
+    stream.write("]}")
+    return count
+
+
+def _bounds_offset(dest: str, slide: str | None) -> tuple[int, int]:
+    """(bounds_x, bounds_y) of ``slide`` in the run's slides table; (0, 0) for tiles."""
+    slides = read_slides(dest)
+    if slide is None or slides is None:
+        return (0, 0)
+    row = slides[slides["slide_id"] == slide]
+    if row.empty:
+        return (0, 0)
+    return int(row["bounds_x"].fillna(0).iloc[0]), int(row["bounds_y"].fillna(0).iloc[0])
+
+
+def _measurements(batch: pa.RecordBatch, measured: list[str]) -> list[dict[str, float]]:
+    """QuPath ``measurements`` dicts of a batch: the scalar columns and intensity means per channel
+    (index); nulls and non-finite values left out."""
+    columns = {name: batch.column(name).to_pylist() for name in measured}
+    if "intensity_mean" in batch.schema.names:
+        means = batch.column("intensity_mean").to_pylist()
+        width = max((len(m) for m in means if m), default=0)
+        for index in range(width):
+            columns[f"intensity_mean[{index}]"] = [m[index] if m and index < len(m) else None for m in means]
+    out = []
+    for k in range(batch.num_rows):
+        row = {}
+        for name, values in columns.items():
+            value = values[k]
+            if value is not None and math.isfinite(value):
+                row[name] = float(value)
+        out.append(row)
+    return out

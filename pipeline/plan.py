@@ -1,4 +1,11 @@
-"""Plan a run: list the source as a stream, keep image files, slide ids, cut shards, write the manifest.
+"""Plan a run: list the source as a stream, keep image files, lay windows on slides, cut shards,
+write the manifest.
+
+Units: a plain image is one manifest row; a whole slide (:mod:`pipeline.slides`)
+is opened here, its tissue found on a low-resolution level, and each window
+laid on the tissue is one row (the slide's URI, the window's place in
+``tile_*`` and ``core_*`` columns). Slides are opened a few at a time beside
+the listing, and their rows take the slide's place in the listing order.
 
 The plan never holds the archive in memory: the source is listed one
 top-level folder at a time (several folders listed in parallel, in order),
@@ -18,6 +25,7 @@ by one).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import re
@@ -31,11 +39,18 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import slides, storage
 from pipeline.concurrency import bounded_map
-from schemas import MANIFEST, READABLE_VERSIONS, check_version
+from pipeline.slides import SlidePlan, SlideSettings
+from schemas import MANIFEST, READABLE_VERSIONS, SLIDES, check_version
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+IMAGE_EXTENSIONS = (
+    frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}) | slides.SLIDE_EXTENSIONS
+)
+SLIDE_PLANNERS = 4
+"""Slides opened and planned at once (each reads a header and a low-resolution level)."""
+SLIDE_LOOKAHEAD = 256
+"""Listing entries that may wait behind a slide being planned."""
 LISTERS = 8
 """Folders listed at once (each one LIST stream on S3)."""
 AUTO_SHARD_LOOKAHEAD = 100_000
@@ -102,7 +117,14 @@ def _is_image(relative: PurePosixPath) -> bool:
 def iter_images(
     source: str, *, listers: int = LISTERS, filesystem: pafs.FileSystem | None = None
 ) -> Iterator[str]:
-    """The image URIs under ``source`` (recursive), sorted, as a stream.
+    """The image URIs under ``source`` (recursive), sorted, as a stream (see :func:`iter_listing`)."""
+    return (uri for uri, _ in iter_listing(source, listers=listers, filesystem=filesystem))
+
+
+def iter_listing(
+    source: str, *, listers: int = LISTERS, filesystem: pafs.FileSystem | None = None
+) -> Iterator[tuple[str, int | None]]:
+    """(URI, size in bytes) of the image files under ``source`` (recursive), sorted, as a stream.
 
     One LIST of the top level, then each top-level folder listed recursively
     (``listers`` at a time, in sorted order, each retried on transient
@@ -131,19 +153,20 @@ def iter_images(
     def relative(path: str) -> PurePosixPath:
         return PurePosixPath(path[len(root) :].lstrip("/"))
 
-    def list_folder(entry: pafs.FileInfo) -> list[str]:
+    def list_folder(entry: pafs.FileInfo) -> list[tuple[str, int | None]]:
         if entry.type != pafs.FileType.Directory:
-            return (
-                [entry.path] if entry.type == pafs.FileType.File and _is_image(relative(entry.path)) else []
-            )
+            is_file = entry.type == pafs.FileType.File
+            return [(entry.path, entry.size)] if is_file and _is_image(relative(entry.path)) else []
         selector = pafs.FileSelector(entry.path, recursive=True)
         listed = storage.retry_transient(lambda: fs.get_file_info(selector))
-        return sorted(e.path for e in listed if e.type == pafs.FileType.File and _is_image(relative(e.path)))
+        return sorted(
+            (e.path, e.size) for e in listed if e.type == pafs.FileType.File and _is_image(relative(e.path))
+        )
 
     with ThreadPoolExecutor(listers, thread_name_prefix="list") as pool:
-        for paths in bounded_map(pool, list_folder, top, listers):
-            for path in paths:
-                yield storage.join(source, str(relative(path)))
+        for entries in bounded_map(pool, list_folder, top, listers):
+            for path, size in entries:
+                yield storage.join(source, str(relative(path))), size
 
 
 @dataclass(frozen=True)
@@ -160,10 +183,13 @@ class Plan:
     With ``shard_size`` None, up to :data:`AUTO_SHARD_LOOKAHEAD` images are
     listed at construction and :func:`choose_shard_size` picks the size for
     ``replicas``; ``self.shard_size`` is the size used either way.
-    ``filesystem``: see :func:`iter_images`.
+    ``filesystem``: see :func:`iter_images`. ``slide_settings``: how windows
+    are laid on slide files; after iteration ``self.slides`` holds one
+    ``slides`` row per slide file (:data:`schemas.SLIDES`).
 
     Raises (at construction or while iterating):
-        PlanError: missing source, no image files, or a bad slide pattern.
+        PlanError: missing source, no image files (or no slide that could be
+            planned), or a bad slide pattern.
     """
 
     def __init__(
@@ -174,13 +200,16 @@ class Plan:
         replicas: int = 1,
         slide_pattern: str | None = None,
         filesystem: pafs.FileSystem | None = None,
+        slide_settings: SlideSettings | None = None,
     ):
         if shard_size is not None and shard_size < 1:
             raise PlanError(f"shard size must be at least 1, got {shard_size}")
         self.source = source
         self._namer = SlideNamer(source, slide_pattern)
-        self._listing = iter_images(source, filesystem=filesystem)
-        self._lookahead: list[str] = []
+        self._slide_settings = slide_settings or SlideSettings()
+        self.slides: list[dict] = []
+        self._listing = iter_listing(source, filesystem=filesystem)
+        self._lookahead: list[tuple[str, int | None]] = []
         if shard_size is None:
             for uri in self._listing:
                 self._lookahead.append(uri)
@@ -191,33 +220,97 @@ class Plan:
         self.shard_size = shard_size
 
     def __iter__(self) -> Iterator[Shard]:
-        batch: list[str] = []
+        batch: list[tuple[str, str, dict | None]] = []
         image_id = shard_id = 0
-        for uri in itertools.chain(self._lookahead, self._listing):
-            batch.append(uri)
+        for unit in self._units(itertools.chain(self._lookahead, self._listing)):
+            batch.append(unit)
             if len(batch) == self.shard_size:
-                yield Shard(shard_id, _shard_rows(batch, image_id, shard_id, self._namer))
+                yield Shard(shard_id, _shard_rows(batch, image_id, shard_id))
                 image_id, shard_id, batch = image_id + len(batch), shard_id + 1, []
         self._lookahead = []
         if batch:
-            yield Shard(shard_id, _shard_rows(batch, image_id, shard_id, self._namer))
+            yield Shard(shard_id, _shard_rows(batch, image_id, shard_id))
+        elif shard_id == 0 and self.slides:
+            reasons = "; ".join(f"{r['slide_id']}: {r['error'] or 'no tissue'}" for r in self.slides[:3])
+            raise PlanError(
+                f"no slide under {storage.redact(self.source)} has a window to segment ({reasons})"
+            )
         elif shard_id == 0:
             raise PlanError(
                 f"no image files under {storage.redact(self.source)} "
                 f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
 
+    def _units(self, listing) -> Iterator[tuple[str, str, dict | None]]:
+        """(uri, slide_id, window columns or None) per manifest row, in listing order; slides are planned
+        :data:`SLIDE_PLANNERS` at a time while the listing goes on."""
+        pending: collections.deque = collections.deque()
+        with ThreadPoolExecutor(SLIDE_PLANNERS, thread_name_prefix="slide-plan") as pool:
+            for uri, size in listing:
+                slide = slides.is_slide_candidate(uri, size)
+                pending.append(
+                    (uri, pool.submit(slides.plan_slide, uri, self._slide_settings) if slide else None)
+                )
+                while pending and (
+                    pending[0][1] is None or pending[0][1].done() or len(pending) > SLIDE_LOOKAHEAD
+                ):
+                    yield from self._expand(*pending.popleft())
+            while pending:
+                yield from self._expand(*pending.popleft())
 
-def _shard_rows(uris: list[str], first_id: int, shard_id: int, namer: SlideNamer) -> pa.Table:
-    return pa.table(
-        {
-            "uri": [storage.redact(u) for u in uris],
-            "image_id": pa.array(range(first_id, first_id + len(uris)), pa.int64()),
-            "slide_id": [namer(u) for u in uris],
-            "shard_id": pa.array([shard_id] * len(uris), pa.int32()),
-        },
-        schema=MANIFEST,
-    )
+    def _expand(self, uri: str, planned) -> Iterator[tuple[str, str, dict | None]]:
+        if planned is None:
+            yield uri, self._namer(uri), None
+            return
+        plan: SlidePlan = planned.result()
+        if not plan.is_slide:
+            yield uri, self._namer(uri), None
+            return
+        self.slides.append(plan.row)
+        intensity = {k: plan.row.get(k) for k in ("intensity_offset", "intensity_scale")}
+        for window in plan.windows:
+            yield uri, plan.row["slide_id"], {**window.row(), **intensity}
+
+
+_PLAIN_IMAGE = {name: None for name in MANIFEST.names} | {
+    "tile_x0": 0.0,
+    "tile_y0": 0.0,
+    "tile_downsample": 1.0,
+}
+
+
+def plain_image_row(uri: str, image_id: int = 0, slide_id: str = "", shard_id: int = 0) -> dict:
+    """The manifest row (dict) of a plain image file: for calling a replica's reader directly."""
+    return {**_PLAIN_IMAGE, "uri": uri, "image_id": image_id, "slide_id": slide_id, "shard_id": shard_id}
+
+
+def _shard_rows(units: list[tuple[str, str, dict | None]], first_id: int, shard_id: int) -> pa.Table:
+    n = len(units)
+    columns: dict[str, list] = {
+        "uri": [storage.redact(uri) for uri, _, _ in units],
+        "image_id": pa.array(range(first_id, first_id + n), pa.int64()),
+        "slide_id": [slide_id for _, slide_id, _ in units],
+        "shard_id": pa.array([shard_id] * n, pa.int32()),
+    }
+    if all(window is None for _, _, window in units):  # a tile archive: constant window columns
+        columns.update({name: [value] * n for name, value in _PLAIN_IMAGE.items() if name not in columns})
+    else:
+        rows = [{**_PLAIN_IMAGE, **window} if window else _PLAIN_IMAGE for _, _, window in units]
+        columns.update({name: [r[name] for r in rows] for name in _PLAIN_IMAGE if name not in columns})
+    return pa.table(columns, schema=MANIFEST)
+
+
+def slides_uri(dest: str) -> str:
+    return storage.join(dest, "slides.parquet")
+
+
+def write_slides(dest: str, rows: list[dict]) -> None:
+    """``DEST/slides.parquet`` (:data:`schemas.SLIDES`): one row per slide file; nothing without slides."""
+    if rows:
+        table = pa.Table.from_pylist(rows, schema=SLIDES)
+        fs, path = storage.resolve(slides_uri(dest))
+        with fs.open_output_stream(path) as stream:
+            pq.write_table(table, stream, compression="zstd")
 
 
 def manifest_uri(dest: str) -> str:
@@ -288,8 +381,15 @@ class ManifestReader:
             for i in range(self._file.num_row_groups)
             if (r := self._group_range(i)) is None or r[0] <= shard_id <= r[1]
         ]
-        table = self._file.read_row_groups(groups).cast(MANIFEST)
-        return table.filter(pc.equal(table["shard_id"], shard_id)).to_pylist()
+        table = self._file.read_row_groups(groups)
+        table = table.filter(pc.equal(table["shard_id"], shard_id))
+        for name in MANIFEST.names:  # manifests before version 3 have no window columns
+            if name not in table.column_names:
+                value = _PLAIN_IMAGE[name]
+                table = table.append_column(
+                    name, pa.array([value] * table.num_rows, MANIFEST.field(name).type)
+                )
+        return table.select(MANIFEST.names).cast(MANIFEST).to_pylist()
 
     def shard_sizes(self) -> dict[int, int]:
         """Images per shard id, from the footer when each row group is one shard, else from one column."""

@@ -1,4 +1,5 @@
-"""QC pictures for people: a tile with its instances, a slide's contact sheet, an area histogram.
+"""QC pictures for people: a tile with its instances, a slide's contact sheet, an area histogram;
+for a whole-slide file, its thumbnail with a cell-density heatmap or a full-resolution region with outlines.
 
 Each instance is filled in its own colour (half transparent, so the tissue
 shows through) and outlined in white; with ``labels``, its class initial and
@@ -13,11 +14,14 @@ import colorsys
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import shapely
 from pycocotools import mask as mask_utils
 
 from pipeline import stats
 from pipeline.decode import DecodeError, RawImage, read_and_decode
 from pipeline.preprocess import Preprocessing, model_input
+from pipeline.slides import Slide
 from pipeline.stats import read_table
 
 FILL_ALPHA = 0.45
@@ -160,3 +164,101 @@ def feature_histogram(dest: str, slide: str, path: str, *, feature: str = "area"
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+HEATMAP_CELL_PX = 16
+"""Side of a heatmap cell in thumbnail pixels."""
+MAX_REGION_PX = 4096
+"""Longest side of a full-resolution ``--region`` picture, level-0 px."""
+
+
+def _slide_row(dest: str, slide: str) -> pd.Series | None:
+    slides = stats.read_slides(dest)
+    if slides is None or not (slides["slide_id"] == slide).any():
+        return None
+    return slides[slides["slide_id"] == slide].iloc[0]
+
+
+def is_slide_file(dest: str, slide: str) -> bool:
+    """Whether ``slide`` is a whole-slide file of the run (not a folder of tiles)."""
+    return _slide_row(dest, slide) is not None
+
+
+def slide_heatmap(dest: str, slide: str) -> np.ndarray:
+    """The slide's thumbnail (RGB uint8) with a heatmap of cell density (cells per mm², or per cell of
+    the grid when the pixel size is unknown) over it, and the scale written in a corner."""
+    row = _slide_row(dest, slide)
+    opened = Slide(row["uri"])
+    try:
+        thumbnail, scale = opened.thumbnail()
+        picture = for_display(RawImage(thumbnail, opened.info.channels)).copy()
+    finally:
+        opened.close()
+    found = stats.dataset(dest, "instances").to_table(
+        columns=["centroid_x", "centroid_y"], filter=pc.field("slide_id") == slide
+    )
+    height, width = picture.shape[:2]
+    rows, columns = -(-height // HEATMAP_CELL_PX), -(-width // HEATMAP_CELL_PX)
+    cell = scale * HEATMAP_CELL_PX  # level-0 px per heatmap cell
+    counts, _, _ = np.histogram2d(
+        found["centroid_y"].to_numpy(),
+        found["centroid_x"].to_numpy(),
+        bins=(rows, columns),
+        range=((0, rows * cell), (0, columns * cell)),
+    )
+    mpp = row["mpp"] if pd.notna(row["mpp"]) else None
+    density = counts / ((cell * mpp / 1000) ** 2) if mpp else counts
+    top = float(density.max()) or 1.0
+    colours = cv2.applyColorMap((density / top * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1]
+    colours = cv2.resize(
+        colours, (columns * HEATMAP_CELL_PX, rows * HEATMAP_CELL_PX), interpolation=cv2.INTER_NEAREST
+    )
+    colours = colours[:height, :width]
+    filled = cv2.resize(
+        (counts > 0).astype(np.uint8),
+        (columns * HEATMAP_CELL_PX, rows * HEATMAP_CELL_PX),
+        interpolation=cv2.INTER_NEAREST,
+    )[:height, :width].astype(bool)
+    picture[filled] = (0.4 * picture[filled] + 0.6 * colours[filled]).astype(np.uint8)
+    unit = "cells/mm2" if mpp else f"cells per {cell:.0f}px cell"
+    caption = f"{slide}: {len(found)} cells, max {top:.0f} {unit}"
+    cv2.putText(picture, caption, (6, 18), cv2.FONT_HERSHEY_PLAIN, 1.0, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(picture, caption, (6, 18), cv2.FONT_HERSHEY_PLAIN, 1.0, (255, 255, 255), 1, cv2.LINE_AA)
+    return picture
+
+
+def slide_region(dest: str, slide: str, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """Level-0 pixels [x, x + width) x [y, y + height) of the slide (RGB uint8) with the outlines of
+    the instances there (their polygons, as the tables hold them).
+
+    Raises:
+        ValueError: a region larger than :data:`MAX_REGION_PX` on a side, or outside the slide.
+    """
+    if not (0 < width <= MAX_REGION_PX and 0 < height <= MAX_REGION_PX):
+        raise ValueError(f"--region sides must be 1 to {MAX_REGION_PX} px, got {width} x {height}")
+    row = _slide_row(dest, slide)
+    if x < 0 or y < 0 or x + width > row["width"] or y + height > row["height"]:
+        raise ValueError(
+            f"--region {x},{y},{width},{height} is not inside the slide ({row['width']} x {row['height']})"
+        )
+    opened = Slide(row["uri"])
+    try:
+        picture = for_display(
+            RawImage(opened.read_region(x, y, 0, width, height), opened.info.channels)
+        ).copy()
+    finally:
+        opened.close()
+    inside = (
+        (pc.field("slide_id") == slide)
+        & (pc.field("x1") >= x)
+        & (pc.field("x0") <= x + width)
+        & (pc.field("y1") >= y)
+        & (pc.field("y0") <= y + height)
+    )
+    found = stats.dataset(dest, "instances").to_table(columns=["polygon"], filter=inside)
+    for index, geometry in enumerate(shapely.from_wkb(found["polygon"].to_numpy(zero_copy_only=False))):
+        for polygon in getattr(geometry, "geoms", [geometry]):
+            for ring in [polygon.exterior, *polygon.interiors]:
+                points = (np.asarray(ring.coords) - (x, y)).round().astype(np.int32)
+                cv2.polylines(picture, [points], True, instance_colour(index), 1, cv2.LINE_AA)
+    return picture

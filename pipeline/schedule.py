@@ -159,6 +159,7 @@ class Scheduler:
             report.images_ok += summary["images_ok"]
             report.images_error += summary["images"] - summary["images_ok"]
             report.instances += summary["instances"]
+            report.instances_cut += summary.get("instances_cut", 0)
             report.stage_s.update(summary["timings_s"])
             errors = summary["images"] - summary["images_ok"]
             self._line(

@@ -46,9 +46,10 @@ from typing import Any
 from pipeline import commit, storage
 from pipeline.card import InferenceSettings, ModelCard, ModelLoadError
 from pipeline.decode import RawImage, read_and_decode
-from pipeline.plan import ManifestReader, ManifestWriter, Plan
+from pipeline.plan import ManifestReader, ManifestWriter, Plan, write_slides
 from pipeline.preprocess import with_channel
 from pipeline.schedule import SHARDS_IN_FLIGHT, Scheduler
+from pipeline.slides import SlideSettings
 from schemas import SCHEMA_VERSION
 
 EXIT_OK = 0
@@ -61,6 +62,8 @@ DEFAULT_OVERLAP_THRESHOLD = 0.7
 """Mask-overlap suppression (intersection over the smaller mask); chosen on held-out tiles (README)."""
 DEFAULT_EXCLUSIVE_PIXELS = False
 """Exclusive pixel ownership off by default; chosen on held-out tiles (README)."""
+DEFAULT_TILE_SIZE = 1024
+"""Window side on whole slides, px."""
 DEFAULT_BATCH_SIZE = 4
 """Images per forward pass of a new run. Batch size changes boxes and scores in their last float
 bits (batched convolutions sum in another order), so run.json records it and resumes reuse it."""
@@ -96,6 +99,27 @@ class PinnedSettings:
     """The input channel the model sees (index or name); None: the model card's."""
     pixel_size_um: float | None = None
     """µm per pixel of every image; None: each file's own (OME-TIFF, TIFF resolution), else unknown."""
+    tile_size: int = DEFAULT_TILE_SIZE
+    """Window side (px the model sees) on whole slides."""
+    tile_overlap: int | None = None
+    """Window pixels shared by neighbouring windows; None: the model card's largest object."""
+    mpp: float | None = None
+    """µm per pixel the model sees on slides; None: level 0 as it is."""
+    mpp_override: float | None = None
+    """µm per level-0 pixel of every slide, replacing the slides' own."""
+    tissue: str = "auto"
+    """Where windows are laid on slides: ``auto`` (found tissue) or ``all``."""
+
+    def slide_settings(self) -> SlideSettings:
+        """How the plan lays windows on slides (``tile_overlap`` must be resolved)."""
+        return SlideSettings(
+            tile_size=self.tile_size,
+            tile_overlap=self.tile_overlap,
+            mpp=self.mpp,
+            mpp_override=self.mpp_override,
+            tissue=self.tissue,
+            max_pixels=self.max_pixels,
+        )
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,11 @@ class RunReport:
     images_ok: int = 0
     images_error: int = 0
     instances: int = 0
+    instances_cut: int = 0
+    """Instances kept that touch an inner window edge (objects larger than the tile overlap)."""
+    slides: int = 0
+    slides_error: int = 0
+    """Slide files planned, and those that got no windows because they could not be read."""
     retries: int = 0
     wall_s: float = 0.0
     replicas_ready_s: float = 0.0
@@ -219,8 +248,17 @@ def _resolved_thresholds(pinned: PinnedSettings, card: ModelCard) -> PinnedSetti
             else pinned.score_threshold,
             "mask_threshold": card.mask_threshold if pinned.mask_threshold is None else pinned.mask_threshold,
             "max_detections": card.max_detections if pinned.max_detections is None else pinned.max_detections,
+            "tile_overlap": default_tile_overlap(card)
+            if pinned.tile_overlap is None
+            else pinned.tile_overlap,
         }
     )
+
+
+def default_tile_overlap(card: ModelCard) -> int:
+    """The model card's largest object (px), rounded up to even: such an object is seen whole by the
+    window that owns it."""
+    return card.largest_object_px + card.largest_object_px % 2
 
 
 def _run_json_uri(dest: str) -> str:
@@ -522,6 +560,7 @@ def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_siz
         overlap_threshold=pinned.overlap_threshold,
         exclusive_pixels=pinned.exclusive_pixels,
         pixel_size_um=pinned.pixel_size_um,
+        slide_mpp_override=pinned.mpp_override,
         schema_version=schema_version,
     )
 
@@ -570,6 +609,7 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
             shard_size=pinned.shard_size,
             replicas=replicas.count,
             slide_pattern=pinned.slide_pattern,
+            slide_settings=replace(pinned.slide_settings(), preprocessing=settings.preprocessing),
         )
     except BaseException:
         replicas.discard()
@@ -586,6 +626,9 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
             first_uris = first_uris or shard.rows.column("uri").to_pylist()[:16]
             scheduler.add(shard.shard_id, shard.rows.num_rows, rows)
             scheduler.step(block=False)
+    write_slides(dest, plan.slides)
+    report.slides = len(plan.slides)
+    report.slides_error = sum(row["status"] != "ok" for row in plan.slides)
     scheduler.publish_manifest()
     run_json = {
         "format": RUN_FORMAT,
@@ -595,6 +638,7 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
         "model": {"card": loaded.card.to_dict(), "fingerprint": loaded.fingerprint},
         "preprocessing": settings.preprocessing.to_dict(),
         "images": manifest.images,
+        "slides": len(plan.slides),
         "shards": manifest.shards,
         "batch_size": batch_size,
         "schema_version": SCHEMA_VERSION,
@@ -662,6 +706,14 @@ def format_report(report: RunReport) -> str:
     """The final summary printed by the job (several lines)."""
     lines = [
         f"images ok {report.images_ok}, in error {report.images_error}; instances {report.instances}",
+        *(
+            [
+                f"slides {report.slides}, in error {report.slides_error} (slides.parquet); instances cut by "
+                f"a window edge {report.instances_cut} (larger than --tile-overlap)"
+            ]
+            if report.slides
+            else []
+        ),
         f"shards committed {len(report.committed)}, failed {len(report.failed)}, "
         f"already done {len(report.skipped)}, retries {report.retries}; wall time {report.wall_s:.1f} s",
         f"output: {storage.redact(report.dest)}",

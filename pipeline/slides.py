@@ -38,6 +38,15 @@ import cv2
 import numpy as np
 
 from pipeline import storage
+from pipeline.decode import ome_channel_names, tiff_pixel_size_um
+from pipeline.preprocess import (
+    Intensity,
+    Preprocessing,
+    PreprocessingError,
+    intensity_map,
+    noise_sigma,
+    select_channels,
+)
 from pipeline.windows import Grid, Window, touches_mask
 
 SLIDE_EXTENSIONS = frozenset({".svs", ".ndpi", ".scn", ".bif", ".btf"})
@@ -170,7 +179,15 @@ class Slide:
         try:
             self._slide = TiffSlide(self._file, tifffile_options={"name": path.rsplit("/", 1)[-1]})
             self.info = _describe(self._slide)
-        except (ValueError, KeyError, IndexError, NotImplementedError, EOFError, OSError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            IndexError,
+            NotImplementedError,
+            EOFError,
+            OSError,
+            RuntimeError,
+        ) as exc:
             self._file.close()
             raise SlideError(f"not a readable slide: {type(exc).__name__}: {exc}") from None
         self._lock = threading.Lock()
@@ -254,30 +271,29 @@ class Slide:
         self._file.close()
 
 
-def _is_tiled(slide) -> bool:
-    return bool(slide.ts_tifffile.series[0].levels[0].keyframe.is_tiled)
-
-
 def _describe(slide) -> SlideInfo:
     properties = slide.properties
+    tif = slide.ts_tifffile
+    series = tif.series[int(properties.get("tiffslide.series-index") or 0)]
     mpp, note = properties.get("tiffslide.mpp-x"), None
+    if mpp is None:
+        mpp = tiff_pixel_size_um(tif)  # OME PhysicalSizeX, which tiffslide does not read
     if mpp is None:
         note = "the slide states no pixel size"
     elif not PLAUSIBLE_MPP[0] <= float(mpp) <= PLAUSIBLE_MPP[1]:
         mpp, note = None, f"implausible pixel size {float(mpp):g} µm/px ignored"
-    axes = properties.get("tiffslide.series-axes")
-    depth = 1 if axes == "YX" else None
-    region = slide.read_region((0, 0), slide.level_count - 1, (1, 1), as_array=True)
-    depth = region.shape[2] if depth is None else depth
-    channels = (
-        ("red", "green", "blue") if axes == "YXS" and depth == 3 else tuple(f"c{i}" for i in range(depth))
-    )
+    axes, shape = series.axes, series.levels[0].shape
+    depth = shape[axes.index("S")] if "S" in axes else shape[axes.index("C")] if "C" in axes else 1
     if depth == 1:
-        channels = ("gray",)
+        channels: tuple[str, ...] = ("gray",)
+    elif "S" in axes and depth == 3:
+        channels = ("red", "green", "blue")
+    else:
+        channels = ome_channel_names(tif, depth) or tuple(f"c{i}" for i in range(depth))
     return SlideInfo(
         width=int(slide.dimensions[0]),
         height=int(slide.dimensions[1]),
-        tiled=_is_tiled(slide),
+        tiled=bool(series.levels[0].keyframe.is_tiled),
         level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
         level_downsamples=tuple(float(d) for d in slide.level_downsamples),
         mpp=float(mpp) if mpp is not None else None,
@@ -286,7 +302,7 @@ def _describe(slide) -> SlideInfo:
         bounds_x=int(properties.get("tiffslide.bounds-x") or 0),
         bounds_y=int(properties.get("tiffslide.bounds-y") or 0),
         channels=channels,
-        dtype=str(region.dtype),
+        dtype=str(series.dtype),
     )
 
 
@@ -326,28 +342,26 @@ def background_of(thumbnail: np.ndarray) -> np.ndarray:
     return np.median(border.reshape(-1, thumbnail.shape[2]).astype(np.float64), axis=0)
 
 
-def tissue_mask(thumbnail: np.ndarray, *, mode: str = "auto") -> np.ndarray:
-    """bool mask (h, w) of tissue on a thumbnail (h, w, C).
+def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
+    """bool mask (h, w) of tissue on a thumbnail (h, w, C) (``--tissue auto``).
 
-    ``auto`` works for bright-field (tissue darker than a white glass) and
-    dark-field fluorescence (tissue brighter than a black background) alike:
-    the glass is the median of the thumbnail's border, every pixel's
-    distance from it (largest over channels, relative to the thumbnail's
-    range) is thresholded at half its Otsu threshold (pale tissue stays in),
-    then closed and cleared of specks. ``all`` keeps everything.
+    Works for bright-field (tissue darker than a white glass) and dark-field
+    fluorescence (tissue brighter than a black background) alike: the glass
+    is the median of the thumbnail's border, every pixel's distance from it
+    (largest over channels, relative to the thumbnail's range) is thresholded
+    at half its Otsu threshold (pale tissue stays in), then closed and
+    cleared of specks.
     """
-    if mode == "all":
-        return np.ones(thumbnail.shape[:2], bool)
-    if mode != "auto":
-        raise ValueError(f"tissue mode must be 'auto' or 'all', got {mode!r}")
     pixels = thumbnail.astype(np.float32)
     span = float(np.percentile(pixels, 99.5) - np.percentile(pixels, 0.5)) or 1.0
-    distance = np.abs(pixels - background_of(thumbnail).astype(np.float32)).max(axis=2) / span
+    distance = np.abs(pixels - background_of(thumbnail).astype(np.float32)).max(axis=2)
     distance = cv2.GaussianBlur(distance, (0, 0), 1.0)
-    eight_bit = np.clip(distance * 255, 0, 255).astype(np.uint8)
+    eight_bit = np.clip(distance / span * 255, 0, 255).astype(np.uint8)
     otsu, _ = cv2.threshold(eight_bit, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    threshold = max(otsu / 2, 8.0)  # never below 3% of the range: noise is not tissue
-    mask = (eight_bit > threshold).astype(np.uint8)
+    # Half of Otsu keeps pale tissue; never within 3 sigma of the glass's noise (the thumbnail's
+    # own, before the blur), so bare glass has no tissue.
+    threshold = max(otsu / 2 / 255 * span, 3 * noise_sigma(thumbnail))
+    mask = (distance > threshold).astype(np.uint8)
     close = max(5, round(max(mask.shape) / 80))  # joins the nuclei of one piece of tissue
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((close, close), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -365,7 +379,7 @@ class SlideSettings:
     the pixel size (µm) the model should see (None: level 0 as it is);
     mpp_override: the slides' level-0 pixel size, replacing theirs; tissue:
     ``auto`` or ``all``; max_pixels: a slide file that is not tiled is read
-    whole, so it must not have more pixels than this.
+    whole, so it must not have more pixels than this; preprocessing: see below.
     """
 
     tile_size: int = 1024
@@ -374,6 +388,9 @@ class SlideSettings:
     mpp_override: float | None = None
     tissue: str = "auto"
     max_pixels: int = 89_478_485
+    preprocessing: Preprocessing | None = None
+    """The model's (with ``--channel``): its normalisation is measured once per slide
+    (:func:`slide_intensity`); None: each window is normalised on its own."""
 
 
 @dataclass
@@ -410,6 +427,40 @@ def choose_level(info: SlideInfo, downsample: float) -> int:
     """The coarsest level whose downsample is at most ``downsample`` (at or finer), else level 0."""
     fitting = [k for k, d in enumerate(info.level_downsamples) if d <= downsample * (1 + 1e-3)]
     return max(fitting, key=lambda k: info.level_downsamples[k]) if fitting else 0
+
+
+INTENSITY_SAMPLES = 8
+"""Patches read at plan time to measure a slide's normalisation (spread evenly over its tissue)."""
+INTENSITY_PATCH = 256
+"""Side of each patch, in the pixels the model sees."""
+
+
+def slide_intensity(
+    slide: Slide, tissue: np.ndarray, scale: float, grid: Grid, preprocessing: Preprocessing
+) -> Intensity:
+    """The model input's normalisation for a whole slide, measured on :data:`INTENSITY_SAMPLES`
+    patches centred on tissue pixels evenly spread through the mask (``tissue``, ``scale`` level-0
+    px per mask pixel), read as the model sees them (``grid``'s level and downsample).
+
+    One map per slide, independent of the window grid: a window with little
+    tissue is not stretched until its glass looks like nuclei, every window of
+    a slide is scaled alike, and another ``--tile-size`` gives the same inputs.
+    """
+    found = np.flatnonzero(tissue)
+    if not len(found):
+        found = np.arange(tissue.size)
+    picks = found[np.linspace(0, len(found) - 1, INTENSITY_SAMPLES).round().astype(int)]
+    rows, columns = np.divmod(picks, tissue.shape[1])
+    extent = round(INTENSITY_PATCH * grid.extent / grid.size)
+    patch = Grid(INTENSITY_PATCH, 0, extent / INTENSITY_PATCH, grid.level)
+    values = []
+    for row, column in zip(rows, columns, strict=True):
+        x, y = round((column + 0.5) * scale) - extent // 2, round((row + 0.5) * scale) - extent // 2
+        window = Window(
+            x, y, INTENSITY_PATCH, patch.extent / INTENSITY_PATCH, grid.level, x, y, x + extent, y + extent
+        )
+        values.append(select_channels(slide.read_window(window), preprocessing.channel, slide.info.channels))
+    return intensity_map(np.concatenate(values, axis=0), preprocessing)
 
 
 def plan_slide(uri: str, settings: SlideSettings) -> SlidePlan:
@@ -489,19 +540,28 @@ def _plan_open_slide(slide: Slide, row: dict, settings: SlideSettings) -> SlideP
     columns, rows = grid.shape(info.width, info.height)
     row.update(level=level, tile_downsample=grid.extent / grid.size, tiles_total=columns * rows)
     if settings.tissue == "all":
-        mask, scale = np.ones((1, 1), bool), float(max(info.width, info.height))
-        fraction = 1.0
+        side = max(info.width, info.height)
+        scale = side / 64
+        tissue = np.zeros((math.ceil(info.height / scale), math.ceil(info.width / scale)), bool)
+        tissue[:] = True
+        mask, fraction = tissue, 1.0
     else:
         try:
             thumbnail, scale = slide.thumbnail()
         except SlideError as exc:
             return refuse("unreadable", f"low-resolution level: {exc}")
-        mask = tissue_mask(thumbnail)
-        fraction = float(mask.mean())
+        tissue = tissue_mask(thumbnail)
+        fraction = float(tissue.mean())
         # Cores next to tissue hold the centroids of objects on the tissue's edge.
         reach = 2 * math.ceil(grid.margin / scale) + 3
-        mask = cv2.dilate(mask.astype(np.uint8), np.ones((reach, reach), np.uint8)).astype(bool)
+        mask = cv2.dilate(tissue.astype(np.uint8), np.ones((reach, reach), np.uint8)).astype(bool)
     windows = grid.windows(info.width, info.height, touches_mask(mask, scale))
+    if settings.preprocessing is not None and windows:
+        try:
+            intensity = slide_intensity(slide, tissue, scale, grid, settings.preprocessing)
+        except (SlideError, PreprocessingError) as exc:
+            return refuse("unsupported" if isinstance(exc, PreprocessingError) else "unreadable", str(exc))
+        row.update(intensity_offset=intensity.offset, intensity_scale=intensity.scale)
     row.update(
         status="ok",
         error=None,

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from pipeline import commit, storage
 from schemas import IMAGES, INSTANCES, READABLE_VERSIONS, check_version
@@ -16,10 +17,10 @@ FEATURE_PATTERN = re.compile(r"^(?P<column>[a-z_0-9]+)(\[(?P<channel>[^\]]+)\])?
 """A feature spec: a numeric instances column, or a per-channel one with ``[channel name or index]``."""
 
 
-def read_table(dest: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """The run's ``instances`` or ``images`` table as a DataFrame (committed shard files only).
+def dataset(dest: str, name: str) -> ds.Dataset:
+    """The run's ``instances`` or ``images`` table as a ``pyarrow`` dataset of its committed shard files.
 
-    Files of shards without a committed marker (an interrupted attempt) are not read.
+    Files of shards without a committed marker (an interrupted attempt) are left out.
     """
     if name not in ("instances", "images"):
         raise ValueError(f"table must be 'instances' or 'images', got {name!r}")
@@ -29,16 +30,27 @@ def read_table(dest: str, name: str, columns: list[str] | None = None) -> pd.Dat
     paths = [storage.resolve(uri_for(dest, shard))[1] for shard in committed]
     if not paths:
         schema = INSTANCES if name == "instances" else IMAGES
-        return schema.empty_table().select(columns or schema.names).to_pandas()
-    dataset = ds.dataset(paths, format="parquet", filesystem=fs)
-    version = check_version(dataset.schema, name, READABLE_VERSIONS)
-    missing = sorted(set(columns or []) - set(dataset.schema.names))
+        return ds.dataset(schema.empty_table())
+    found = ds.dataset(paths, format="parquet", filesystem=fs)
+    check_version(found.schema, name, READABLE_VERSIONS)
+    return found
+
+
+def read_table(dest: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """The run's ``instances`` or ``images`` table as a DataFrame (committed shard files only).
+
+    Raises:
+        ValueError: a column the run's schema version does not have.
+    """
+    found = dataset(dest, name)
+    missing = sorted(set(columns or []) - set(found.schema.names))
     if missing:
+        version = (found.schema.metadata or {}).get(b"segpipe.schema_version", b"?").decode()
         raise ValueError(
             f"the run at {storage.redact(dest)} has no {name} column {', '.join(missing)}: it was written "
             f"with table schema version {version}; segment it again to get them"
         )
-    return dataset.to_table(columns=columns).to_pandas()
+    return found.to_table(columns=columns).to_pandas()
 
 
 def feature_columns(instances: pd.DataFrame, images: pd.DataFrame, specs: list[str]) -> pd.DataFrame:
@@ -109,6 +121,7 @@ def summarize(
     class_name: str | None = None,
     pixel_size_um: float | None = None,
     features: list[str] | None = None,
+    slides: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per slide (``by="slide"``) or image (``by="image"``) and class statistics.
 
@@ -119,6 +132,11 @@ def summarize(
     ``tiles`` (images processed ok) and ``tiles_error``; with ``features``
     (see :func:`feature_columns`), ``F_mean`` and ``F_median`` for each. Every
     group appears with every class (count 0 where none was found).
+
+    ``slides`` (the run's ``slides`` table, whole-slide runs): per slide also
+    ``slide_status``, ``tissue_mm2`` and ``count_per_mm2_tissue``, and, from
+    the instances' own ``area_um2`` (each slide's pixel size), ``area_um2_mean``
+    and ``area_um2_median``; a slide in error or without tissue has a row too.
     """
     key = {"slide": "slide_id", "image": "uri"}.get(by)
     if key is None:
@@ -135,9 +153,15 @@ def summarize(
     per_group = tiles.groupby(key).agg(
         tiles=("ok", "sum"), tiles_error=("ok", lambda s: int((~s).sum())), tile_px=("px", "sum")
     )
+    slide_wise = slides is not None and by == "slide" and len(slides)
+    if slide_wise:
+        index = per_group.index.union(pd.Index(slides["slide_id"], name=key))
+        per_group = per_group.reindex(index, fill_value=0)
     scale = (pixel_size_um**2) if pixel_size_um else 1.0
     area = instances["area"] * scale
     extra = feature_columns(instances, images, features) if features else pd.DataFrame(index=instances.index)
+    if slide_wise and not pixel_size_um and "area_um2" in instances:
+        extra = extra.assign(area_um2=instances["area_um2"])
     grouped = pd.concat([instances.assign(area=area)[[key, "class_name", "area", "score"]], extra], axis=1)
     grouped = grouped.groupby([key, "class_name"])
     table = grouped.agg(
@@ -161,6 +185,14 @@ def summarize(
         table = table.rename(
             columns={c: c.replace("area_", "area_um2_") for c in table.columns if c.startswith("area_")}
         )
+    if slide_wise:
+        table = table.rename(
+            columns={"area_um2_mean_mean": "area_um2_mean", "area_um2_median": "area_um2_median"}
+        )
+        tissue = slides.set_index("slide_id")[["status", "tissue_area_mm2"]]
+        tissue = tissue.rename(columns={"status": "slide_status", "tissue_area_mm2": "tissue_mm2"})
+        table = table.join(tissue, on=key)
+        table["count_per_mm2_tissue"] = table["count"] / table["tissue_mm2"].where(table["tissue_mm2"] > 0)
     table = table.drop(columns="tile_px").reset_index()
     table["tiles"] = table["tiles"].astype("int64")
     table["tiles_error"] = table["tiles_error"].astype("int64")
@@ -187,6 +219,9 @@ def per_slide(
     instances = read_table(dest, "instances", columns=columns)
     image_columns = ["slide_id", "uri", "status", "height", "width"] + (["channels"] if features else [])
     images = read_table(dest, "images", columns=image_columns)
+    slides = read_slides(dest)
+    if slides is not None and "area_um2" not in columns and run.get("schema_version", "1") != "1":
+        instances = instances.join(read_table(dest, "instances", columns=["area_um2"]))
     return summarize(
         instances,
         images,
@@ -195,4 +230,17 @@ def per_slide(
         class_name=class_name,
         pixel_size_um=pixel_size_um,
         features=features,
+        slides=slides,
     )
+
+
+def read_slides(dest: str) -> pd.DataFrame | None:
+    """The run's ``slides`` table (whole-slide runs), or None for a run without slide files."""
+    uri = storage.join(dest, "slides.parquet")
+    if not storage.exists(uri):
+        return None
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as handle:
+        table = pq.read_table(handle)
+    check_version(table.schema, "slides", READABLE_VERSIONS)
+    return table.to_pandas()

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import shapely
 
@@ -171,6 +172,24 @@ class Grid:
                     )
                 )
         return found
+
+
+def window_mask_to_slide(mask: np.ndarray, tile_x0: float, tile_y0: float, downsample: float):
+    """A mask in a window's frame (bool (size, size), as decoded from ``instances.rle``) as a box-local
+    :class:`pipeline.masks.Crop` in level-0 slide pixels (resampled, nearest, when ``downsample`` is
+    not 1); for plain images (origin 0, downsample 1) the mask's own box."""
+    from pipeline.masks import Crop
+
+    rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return Crop(np.zeros((0, 0), bool), int(tile_x0), int(tile_y0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+    box = mask[r0:r1, c0:c1]
+    x0, y0 = tile_x0 + c0 * downsample, tile_y0 + r0 * downsample
+    if downsample != 1:
+        size = (max(1, round((c1 - c0) * downsample)), max(1, round((r1 - r0) * downsample)))
+        box = cv2.resize(box.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    return Crop(box, round(x0), round(y0))
 
 
 def touches_mask(mask: np.ndarray, scale: float) -> Callable[[int, int, int, int], bool]:

@@ -34,10 +34,12 @@ from pipeline import masks, postprocess
 from pipeline.card import InferenceSettings, ModelCard
 from pipeline.columns import InstanceColumns
 from pipeline.concurrency import bounded_map
-from pipeline.decode import DecodeError, RawImage, one_line, read_and_decode
+from pipeline.decode import DecodeError, RawImage, one_line
 from pipeline.infer import Detections, autocast_dtype, detect
+from pipeline.inputs import Input, InputReader
 from pipeline.model import build_model, configure
-from pipeline.preprocess import PreprocessingError, model_input
+from pipeline.preprocess import Intensity, PreprocessingError, model_input
+from pipeline.windows import Window
 from schemas import IMAGES, SCHEMA_VERSION, at_version, instances_schema
 
 
@@ -84,6 +86,7 @@ class ShardProcessor:
         self._decode_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="decode")
         self._encode_pool = ThreadPoolExecutor(max(1, io_threads // 2), thread_name_prefix="encode")
         self._device_lock = threading.Lock()
+        self.inputs = InputReader(max_pixels=settings.max_pixels, mpp_override=settings.slide_mpp_override)
 
     def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Model inputs float32 (C, H, W) of one size, C 1 or 3 -> float (3, H, W) on the device.
@@ -96,16 +99,24 @@ class ShardProcessor:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return list(batch.expand(-1, 3, -1, -1))
 
-    def prepare(self, uri: str) -> tuple[RawImage, np.ndarray] | DecodeError:
-        """Read, decode and preprocess one image: (raw image, model input float32 (C, H, W)).
+    def prepare(self, row: dict) -> tuple[Input, np.ndarray] | DecodeError:
+        """Read, decode and preprocess one manifest row: (input, model input float32 (C, H, W)).
+
+        A slide's windows use the slide's normalisation (``intensity_*`` columns), images their own.
 
         A channel the image does not have (``--channel``) makes it ``unsupported``.
         """
-        raw = read_and_decode(uri, max_pixels=self.settings.max_pixels)
-        if isinstance(raw, DecodeError):
-            return raw
+        found = self.inputs.read(row)
+        if isinstance(found, DecodeError):
+            return found
+        raw = found.raw
+        slide_wide = row.get("intensity_scale") is not None
+        intensity = Intensity(row["intensity_offset"], row["intensity_scale"]) if slide_wide else None
         try:
-            return raw, model_input(raw.pixels, self.settings.preprocessing, channel_names=raw.channel_names)
+            array = model_input(
+                raw.pixels, self.settings.preprocessing, channel_names=raw.channel_names, intensity=intensity
+            )
+            return found, array
         except PreprocessingError as exc:
             return DecodeError("unsupported", one_line(exc))
 
@@ -125,13 +136,15 @@ class ShardProcessor:
                     return [DecodeError("inference", one_line(exc))]
         return [self.infer([a])[0] for a in arrays]
 
-    def _encode(self, row: dict, raw: RawImage, detections: Detections) -> tuple[InstanceColumns, dict]:
+    def _encode(self, row: dict, unit: Input, detections: Detections) -> tuple[InstanceColumns, dict]:
         """The image's instance rows (every field of the instances schema) and counts of dropped ones.
 
         Order of operations: paste and threshold, suppress overlapping
         duplicates, make pixels exclusive (if set), encode and measure (on the
-        raw pixels), drop empty masks.
+        raw pixels), drop empty masks; for a window, keep what its core owns
+        and move coordinates onto the slide (:func:`_onto_slide`).
         """
+        raw = unit.raw
         order = torch.argsort(-detections.scores, stable=True)
         boxes = detections.boxes[order]
         crops = masks.paste_on_device(
@@ -154,6 +167,9 @@ class ShardProcessor:
         found.update(masks.encode_crops(found["_crop"], raw.size, raw.pixels))
         nonempty = found["area"] > 0
         found = found.filter(nonempty)
+        counts = {"n_empty_masks": int((~nonempty).sum()), "n_suppressed": int((~kept).sum()), "n_cut": 0}
+        if unit.window is not None:
+            found, counts["n_cut"] = _onto_slide(found, unit.window, unit.slide_size)
         n = len(found)
         found.update(
             InstanceColumns(
@@ -166,13 +182,16 @@ class ShardProcessor:
                 class_name=[self._class_name(int(k)) for k in found["label"]],
                 height=np.full(n, raw.size[0], np.int32),
                 width=np.full(n, raw.size[1], np.int32),
+                tile_x0=np.full(n, row["tile_x0"], np.float64),
+                tile_y0=np.full(n, row["tile_y0"], np.float64),
+                tile_downsample=np.full(n, row["tile_downsample"], np.float64),
             )
         )
         um = self.pixel_size_um(raw) or np.nan
         found["area_um2"] = found["area"] * um**2
         for name in ("perimeter", "axis_major_length", "axis_minor_length"):
             found[f"{name}_um"] = found[name] * um
-        return found, {"n_empty_masks": int((~nonempty).sum()), "n_suppressed": int((~kept).sum())}
+        return found, counts
 
     def pixel_size_um(self, raw: RawImage) -> float | None:
         """The image's pixel size in µm: the run's ``--pixel-size-um``, else the file's, else None."""
@@ -193,14 +212,14 @@ class ShardProcessor:
         status: dict[int, dict[str, Any]] = {}
         encoded: dict[int, Future] = {}
         encoding: collections.deque[Future] = collections.deque()
-        buckets: dict[tuple[int, int], list[tuple[dict, RawImage, np.ndarray]]] = {}
+        buckets: dict[tuple[int, int], list[tuple[dict, Input, np.ndarray]]] = {}
 
         def decode(row: dict):
             t = time.perf_counter()
-            result = self.prepare(row["uri"])
+            result = self.prepare(row)
             return result, time.perf_counter() - t
 
-        def run_batch(batch: list[tuple[dict, RawImage, np.ndarray]]):
+        def run_batch(batch: list[tuple[dict, Input, np.ndarray]]):
             t = time.perf_counter()
             results = self.infer([array for _, _, array in batch])
             timings["infer_s"] += time.perf_counter() - t
@@ -221,7 +240,8 @@ class ShardProcessor:
             if isinstance(result, DecodeError):
                 status[row["image_id"]] = {"status": result.kind, "error": result.message}
                 continue
-            raw, array = result
+            found, array = result
+            raw = found.raw
             status[row["image_id"]] = {
                 "status": "ok",
                 "height": raw.size[0],
@@ -230,7 +250,7 @@ class ShardProcessor:
                 "pixel_size_um": self.pixel_size_um(raw),
             }
             bucket = buckets.setdefault(raw.size, [])
-            bucket.append((row, raw, array))
+            bucket.append((row, found, array))
             if len(bucket) == self.settings.batch_size:
                 run_batch(buckets.pop(raw.size))
         for key in list(buckets):
@@ -240,7 +260,7 @@ class ShardProcessor:
         image_rows = []
         for row in rows:
             info = status[row["image_id"]]
-            dropped = {"n_empty_masks": 0, "n_suppressed": 0}
+            dropped = {"n_empty_masks": 0, "n_suppressed": 0, "n_cut": 0}
             n_instances = 0
             if row["image_id"] in encoded:
                 (found, dropped), seconds = encoded[row["image_id"]].result()
@@ -258,6 +278,7 @@ class ShardProcessor:
                     **dropped,
                     "channels": info.get("channels"),
                     "pixel_size_um": info.get("pixel_size_um"),
+                    **{k: row[k] for k in ("tile_x0", "tile_y0", "tile_downsample")},
                 }
             )
         instances_at = instances_schema(self.settings.schema_version)
@@ -271,6 +292,7 @@ class ShardProcessor:
             "images_ok": len(image_rows) - sum(errors.values()),
             "image_errors": dict(errors),
             "instances": instances.num_rows,
+            "instances_cut": sum(r["n_cut"] for r in image_rows),
             "device": str(self.device),
             "batch_size": self.settings.batch_size,
             "timings_s": {
@@ -279,6 +301,49 @@ class ShardProcessor:
         }
         return ShardOutput(instances, images, summary)
 
-    def _timed_encode(self, row: dict, raw: RawImage, detections: Detections):
+    def _timed_encode(self, row: dict, found: Input, detections: Detections):
         t = time.perf_counter()
-        return self._encode(row, raw, detections), time.perf_counter() - t
+        return self._encode(row, found, detections), time.perf_counter() - t
+
+    def close(self) -> None:
+        """Close the slides this replica holds open."""
+        self.inputs.close()
+
+
+def _onto_slide(
+    found: InstanceColumns, window: Window, slide_size: tuple[int, int]
+) -> tuple[InstanceColumns, int]:
+    """A window's instances that its core owns, with boxes, centroids and polygons in level-0 slide
+    pixels (masks stay in the window's frame), and how many of them touch an inner window edge."""
+    cx, cy = window.to_slide(found["centroid_x"], found["centroid_y"])
+    width, height = slide_size
+    owned = window.owns(cx, cy) & (cx < width) & (cy < height)
+    found = found.filter(owned)
+    cx, cy = cx[owned], cy[owned]
+    x0, y0 = window.to_slide(found["x0"], found["y0"])
+    x1, y1 = window.to_slide(found["x1"], found["y1"])
+    left, top, right, bottom = window.inner_edges(width, height)
+    crops = found["_crop"]
+    touches = np.array(
+        [
+            (left and c.x0 == 0)
+            or (top and c.y0 == 0)
+            or (right and c.x0 + c.mask.shape[1] >= window.size)
+            or (bottom and c.y0 + c.mask.shape[0] >= window.size)
+            for c in crops
+        ],
+        bool,
+    )
+    found.update(
+        InstanceColumns(
+            length=len(found),
+            centroid_x=cx,
+            centroid_y=cy,
+            x0=x0.astype(np.float32),
+            y0=y0.astype(np.float32),
+            x1=x1.astype(np.float32),
+            y1=y1.astype(np.float32),
+            polygon=window.polygons_to_slide(found["polygon"]),
+        )
+    )
+    return found, int(touches.sum())

@@ -1,13 +1,16 @@
-"""Arrow schemas of the run's outputs (manifest, images, instances) and their conventions."""
+"""Arrow schemas of the run's outputs (manifest, images, instances, slides) and their conventions."""
 
 from schemas.tables import (
     ADDED_IN_VERSION_2,
+    ADDED_IN_VERSION_3,
     IMAGE_STATUSES,
     IMAGES,
     INSTANCES,
     MANIFEST,
     READABLE_VERSIONS,
     SCHEMA_VERSION,
+    SLIDE_STATUSES,
+    SLIDES,
     at_version,
     check_version,
     geo_metadata,
@@ -16,12 +19,15 @@ from schemas.tables import (
 
 __all__ = [
     "ADDED_IN_VERSION_2",
+    "ADDED_IN_VERSION_3",
     "IMAGES",
     "IMAGE_STATUSES",
     "INSTANCES",
     "MANIFEST",
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",
+    "SLIDES",
+    "SLIDE_STATUSES",
     "at_version",
     "check_version",
     "geo_metadata",

@@ -48,6 +48,9 @@ def write_run_from_ground_truth(archive, dest, drop_every: int | None = None, sc
                 width=info["width"],
                 rle=ann["segmentation"]["counts"],
                 polygon=b"",
+                tile_x0=0.0,
+                tile_y0=0.0,
+                tile_downsample=1.0,
             )
             for key, value in values.items():
                 columns[key].append(value)

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.export import coco_results, geojson
+from pipeline.export import coco_results, write_geojson
 from tests.conftest import REPO
 
 
@@ -134,7 +134,7 @@ def test_geojson_is_qupath_shaped_and_every_geometry_valid(segmented_run, tmp_pa
 
 def test_geojson_of_an_unknown_slide_is_a_clear_error(segmented_run):
     with pytest.raises(ValueError, match="no slide 'nope'"):
-        geojson(str(segmented_run), slide="nope")
+        write_geojson(str(segmented_run), io.StringIO(), slide="nope")
     result = subprocess.run(
         [
             sys.executable,

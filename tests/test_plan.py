@@ -17,6 +17,7 @@ from pipeline.plan import (
     SlideNamer,
     choose_shard_size,
     iter_images,
+    plain_image_row,
 )
 from schemas import MANIFEST
 
@@ -60,13 +61,11 @@ def reference_manifest(source: str, shard_size: int) -> pa.Table:
     names = [
         r.rsplit("/", 1)[0].rsplit("/", 1)[-1] if "/" in r else source.rsplit("/", 1)[1] for r in relative
     ]
-    return pa.table(
-        {
-            "uri": [f"{source}/{r}" for r in relative],
-            "image_id": list(range(len(relative))),
-            "slide_id": names,
-            "shard_id": [i // shard_size for i in range(len(relative))],
-        },
+    return pa.Table.from_pylist(
+        [
+            plain_image_row(f"{source}/{r}", i, name, i // shard_size)
+            for i, (r, name) in enumerate(zip(relative, names, strict=True))
+        ],
         schema=MANIFEST,
     )
 
@@ -115,7 +114,8 @@ def test_the_streamed_manifest_equals_the_whole_listing_cut_into_shards(tree, tm
 
 def test_an_old_single_row_group_manifest_still_reads(tree, tmp_path):
     expected = reference_manifest(str(tree), 3)
-    old = expected.replace_schema_metadata({**MANIFEST.metadata, b"segpipe.schema_version": b"1"})
+    old = expected.select(["uri", "image_id", "slide_id", "shard_id"])  # version 1: no window columns
+    old = old.replace_schema_metadata({**MANIFEST.metadata, b"segpipe.schema_version": b"1"})
     pq.write_table(old, tmp_path / "manifest.parquet")
     reader = ManifestReader(str(tmp_path))
     assert reader.shard_sizes() == {0: 3, 1: 3, 2: 3, 3: 1}

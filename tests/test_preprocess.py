@@ -12,6 +12,7 @@ import torch
 from pipeline import preprocess
 from pipeline.decode import decode_image
 from pipeline.model import ModelCard, build_model, resolve_model, save_checkpoint
+from pipeline.plan import plain_image_row
 from pipeline.preprocess import (
     DEFAULT,
     LEGACY,
@@ -158,7 +159,8 @@ def test_training_and_inference_prepare_images_with_the_same_function(archive, r
     paths = tile_paths(archive)
     assert {p.suffix for p in paths} >= {".png", ".tif"}
     for index, info in enumerate(coco.images):
-        raw, inference_input = processor.prepare(str(archive / info["file_name"]))
+        found, inference_input = processor.prepare(plain_image_row(str(archive / info["file_name"])))
+        raw = found.raw
         training_input = coco.model_input(index).transpose(2, 0, 1)
         assert np.array_equal(inference_input, training_input)
         direct = model_input(raw.pixels, DEFAULT, channel_names=raw.channel_names)
@@ -176,10 +178,7 @@ def test_a_missing_channel_makes_the_image_unsupported_not_the_shard(archive, ra
         preprocessing=preprocess.with_channel(DEFAULT, "GFP"),
     )
     processor = ShardProcessor(loaded.card, loaded.module.state_dict(), settings)
-    rows = [
-        {"uri": str(p), "image_id": i, "slide_id": "s", "shard_id": 0}
-        for i, p in enumerate(tile_paths(archive))
-    ]
+    rows = [plain_image_row(str(p), i, "s") for i, p in enumerate(tile_paths(archive))]
     output = processor.process(rows)
     assert set(output.images.column("status").to_pylist()) == {"unsupported"}
     assert "no channel named 'GFP'" in output.images.column("error").to_pylist()[0]

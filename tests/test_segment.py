@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from pycocotools import mask as mask_utils
 from jobs import segment as segment_job
 from jobs import stats as stats_job
 from pipeline import segment
-from pipeline.export import geojson
+from pipeline.export import write_geojson
 from pipeline.model import resolve_model
 from pipeline.stats import per_slide
 from pipeline.synth import tile_paths
@@ -69,7 +70,7 @@ def test_every_image_once_and_instances_are_consistent(finished_run, archive):
 
 def test_files_carry_schema_version_and_geoparquet_metadata(finished_run):
     meta = pq.read_schema(finished_run / "instances" / "shard-00000.parquet").metadata
-    assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"2"
+    assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"3"
     geo = json.loads(meta[b"geo"])
     assert geo["primary_column"] == "polygon" and geo["columns"]["polygon"]["encoding"] == "WKB"
     marker = json.loads((finished_run / "_commits" / "shard-00000.committed.json").read_text())
@@ -216,8 +217,9 @@ def test_s3_source_and_destination(ray_local, archive, random_model_path, s3_buc
     # The analysis tools read S3 destinations too.
     table = per_slide(dest).groupby("slide_id")["count"].sum()
     assert table.to_dict() == instances.groupby("slide_id").size().to_dict()
-    features = geojson(dest, slide="slide-000")["features"]
-    assert len(features) == (instances["slide_id"] == "slide-000").sum()
+    stream = io.StringIO()
+    assert write_geojson(dest, stream, slide="slide-000") == (instances["slide_id"] == "slide-000").sum()
+    assert len(json.loads(stream.getvalue())["features"]) == (instances["slide_id"] == "slide-000").sum()
 
 
 @pytest.mark.parametrize(
@@ -336,8 +338,9 @@ def test_an_older_run_with_its_markers_and_schema_still_resumes(finished_run, tm
     """A run as segpipe 0.1 wrote it: markers with the status inside, one-row-group manifest,
     tables at schema version 1, run.json without a schema version. Resume redoes one missing shard,
     writing version 1 tables, so the run's files stay one dataset."""
-    from schemas import ADDED_IN_VERSION_2
+    from schemas import ADDED_IN_VERSION_2, ADDED_IN_VERSION_3
 
+    later = ADDED_IN_VERSION_2 | ADDED_IN_VERSION_3
     dest = tmp_path / "old"
     shutil.copytree(finished_run, dest)
     for marker in (dest / "_commits").iterdir():
@@ -345,9 +348,10 @@ def test_an_older_run_with_its_markers_and_schema_still_resumes(finished_run, tm
         marker.rename(legacy)
     for path in [*(dest / "instances").glob("*.parquet"), *(dest / "images").glob("*.parquet")]:
         table = pq.read_table(path)
-        keep = [n for n in table.schema.names if n not in ADDED_IN_VERSION_2]
+        keep = [n for n in table.schema.names if n not in later]
         pq.write_table(table.select(keep).replace_schema_metadata(_version_1(table.schema.metadata)), path)
     manifest = pq.read_table(dest / "manifest.parquet")
+    manifest = manifest.select([n for n in manifest.schema.names if n not in later])
     pq.write_table(
         manifest.replace_schema_metadata(_version_1(manifest.schema.metadata)), dest / "manifest.parquet"
     )
@@ -362,7 +366,7 @@ def test_an_older_run_with_its_markers_and_schema_still_resumes(finished_run, tm
     assert (dest / "instances" / "shard-00000.parquet").stat().st_mtime_ns == kept
     redone = pq.read_table(dest / "instances" / "shard-00001.parquet")
     assert redone.schema.metadata[b"segpipe.schema_version"] == b"1"
-    assert not set(redone.schema.names) & ADDED_IN_VERSION_2
+    assert not set(redone.schema.names) & later
     pd.testing.assert_frame_equal(before, pd.read_parquet(dest / "instances"), check_exact=True)
     assert sorted(p.name for p in (dest / "_commits").iterdir()) == [
         "shard-00000.json",

@@ -15,6 +15,7 @@ import torch
 from pipeline import infer
 from pipeline.concurrency import bounded_map
 from pipeline.model import resolve_model
+from pipeline.plan import plain_image_row
 from pipeline.synth import tile_paths
 from pipeline.worker import InferenceSettings, ShardProcessor
 from schemas import instances_schema
@@ -36,7 +37,7 @@ def processor(random_model_path):
 
 
 def rows_for(paths):
-    return [{"uri": str(p), "image_id": i, "slide_id": "s", "shard_id": 0} for i, p in enumerate(paths)]
+    return [plain_image_row(str(p), i, "s") for i, p in enumerate(paths)]
 
 
 def test_bad_images_become_error_rows_and_the_rest_is_processed(processor, archive, tmp_path):
