@@ -72,7 +72,8 @@ def _parser() -> ArgumentParser:
     slides.add_argument(
         "--tile-size",
         type=int,
-        help=f"window side in px the model sees (default {segment.DEFAULT_TILE_SIZE})",
+        help=f"window side in px the model sees on slides and on larger plain images "
+        f"(default {segment.DEFAULT_TILE_SIZE})",
     )
     slides.add_argument(
         "--tile-overlap",

@@ -102,5 +102,10 @@ class InferenceSettings:
     """µm per pixel for every image (``--pixel-size-um``); None: each file's own, if it states one."""
     slide_mpp_override: float | None = None
     """µm per level-0 pixel of every slide (``--mpp-override``); None: each slide's own."""
+    tile_size: int | None = None
+    """A plain image larger than this on a side is segmented in windows of this size (decoded once);
+    None: whole, whatever its size (runs made before whole-slide support)."""
+    tile_overlap: int = 0
+    """Pixels shared by those windows (even)."""
     schema_version: str = SCHEMA_VERSION
     """The table schema version of the run (a run resumed keeps the version it started with)."""

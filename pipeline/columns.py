@@ -73,7 +73,10 @@ class InstanceColumns:
         keep = np.asarray(keep, bool)
         if keep.shape != (len(self),):
             raise ValueError(f"keep has shape {keep.shape}, expected ({len(self)},)")
-        index = np.flatnonzero(keep)
+        return self.take(np.flatnonzero(keep))
+
+    def take(self, index: np.ndarray) -> InstanceColumns:
+        """The instances at positions ``index`` (int (M,)), in that order, in every field."""
         out = InstanceColumns(length=len(index))
         for name, values in self._fields.items():
             out._fields[name] = [values[i] for i in index] if isinstance(values, list) else values[index]

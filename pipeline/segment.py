@@ -99,8 +99,9 @@ class PinnedSettings:
     """The input channel the model sees (index or name); None: the model card's."""
     pixel_size_um: float | None = None
     """µm per pixel of every image; None: each file's own (OME-TIFF, TIFF resolution), else unknown."""
-    tile_size: int = DEFAULT_TILE_SIZE
-    """Window side (px the model sees) on whole slides."""
+    tile_size: int | None = DEFAULT_TILE_SIZE
+    """Window side (px the model sees) on whole slides and on plain images larger than it; None (runs
+    made before whole-slide support): plain images whole."""
     tile_overlap: int | None = None
     """Window pixels shared by neighbouring windows; None: the model card's largest object."""
     mpp: float | None = None
@@ -304,7 +305,8 @@ def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, dict[s
     if not storage.exists(_run_json_uri(dest)):
         raise RunError(f"no run to resume at {storage.redact(dest)} (run.json not found)")
     run_json = commit.read_json(_run_json_uri(dest))
-    pinned = PinnedSettings(**run_json["settings"])
+    # A run made before whole-slide support segmented every plain image whole: its resume does too.
+    pinned = PinnedSettings(**{"tile_size": None, **run_json["settings"]})
     different = {
         k: (getattr(pinned, k), v) for k, v in overrides.items() if v is not None and getattr(pinned, k) != v
     }
@@ -561,6 +563,8 @@ def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_siz
         exclusive_pixels=pinned.exclusive_pixels,
         pixel_size_um=pinned.pixel_size_um,
         slide_mpp_override=pinned.mpp_override,
+        tile_size=pinned.tile_size,
+        tile_overlap=pinned.tile_overlap or 0,
         schema_version=schema_version,
     )
 
@@ -601,6 +605,10 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
     try:
         loaded = resolve_on_this_node(pinned.model, pinned.weights)
         pinned = _resolved_thresholds(pinned, loaded.card)
+        if pinned.tile_size is not None and not 0 <= pinned.tile_overlap < pinned.tile_size:
+            raise RunError(
+                f"--tile-overlap {pinned.tile_overlap} must be smaller than --tile-size {pinned.tile_size}"
+            )
         batch_size = execution.batch_size or DEFAULT_BATCH_SIZE
         settings = _inference_settings(pinned, loaded, batch_size, SCHEMA_VERSION)
         replicas.load(loaded, settings)

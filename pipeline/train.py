@@ -139,9 +139,10 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> t
     Flips and 90-degree rotations; scale jitter 0.7-1.4x (image bilinear,
     masks nearest); gamma 0.6-1.6; contrast (gain 0.7-1.3, offset +-0.05);
     Gaussian blur (sigma 0.3-1.5, 30% of samples); Gaussian noise (sigma up to
-    0.04, 30% of samples); JPEG compression (quality 30-95, 25% of samples:
-    scanners store slides as JPEG tiles, whose block artefacts on dark glass
-    a model never shown them takes for nuclei). The result is clipped to [0, 1].
+    0.04, 30% of samples); colour JPEG compression (quality 30-95, one
+    channel tinted first, 25% of samples: scanners store slides as JPEG
+    tiles, whose chroma blocks on dark glass a model never shown them takes
+    for nuclei). The result is clipped to [0, 1].
     """
     if rng.random() < 0.5:
         image, masks = image[:, ::-1], masks[:, :, ::-1]
@@ -167,18 +168,25 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> t
         image = image + rng.normal(0, rng.uniform(0, 0.04), image.shape)
     image = np.clip(image, 0, 1).astype(np.float32)
     if rng.random() < 0.25:
-        image = jpeg_roundtrip(image, int(rng.integers(30, 96)))
+        tint = np.array([rng.uniform(0, 0.6), rng.uniform(0, 0.6), 1.0], np.float32)[rng.permutation(3)]
+        # (the largest entry is 1: a stain's own channel keeps its values)
+        image = jpeg_roundtrip(image, int(rng.integers(30, 96)), tint)
     return image, masks
 
 
-def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
-    """``image`` (H, W, C) float32 in [0, 1], C 1 or 3, stored as 8-bit JPEG of ``quality``, read back."""
-    eight_bit = (image * 255 + 0.5).astype(np.uint8)
+def jpeg_roundtrip(image: np.ndarray, quality: int, tint: np.ndarray) -> np.ndarray:
+    """``image`` (H, W, C) float32 in [0, 1], C 1 or 3, stored as an 8-bit colour JPEG of ``quality``
+    (4:2:0 chroma, as scanners store RGB slides) and read back; one channel is first tinted RGB by
+    ``tint`` (3,) and comes back as the maximum over the channels, as the model's ``max`` input sees it."""
+    colour = image * tint if image.shape[2] == 1 else image
+    eight_bit = (np.clip(colour, 0, 1) * 255 + 0.5).astype(np.uint8)
     ok, encoded = cv2.imencode(".jpg", eight_bit, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError("JPEG encoding failed")
-    decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
-    return (decoded.reshape(image.shape).astype(np.float32) / 255).astype(np.float32)
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR).astype(np.float32) / 255
+    if image.shape[2] == 1:
+        decoded = decoded.max(axis=2, keepdims=True)  # the tint's largest entry is 1
+    return np.clip(decoded, 0, 1).astype(np.float32)
 
 
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:

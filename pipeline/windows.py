@@ -206,3 +206,44 @@ def touches_mask(mask: np.ndarray, scale: float) -> Callable[[int, int, int, int
         return bool(integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0] > 0)
 
     return keep
+
+
+def cut_into_windows(array: np.ndarray, grid: Grid) -> list[tuple[Window, np.ndarray]]:
+    """A model input (C, H, W) larger than one window, cut into ``grid``'s windows (zero-padded
+    beyond the image): (window, its input (C, size, size)) each, row by row. The image is prepared
+    once; each piece is a copy of its part."""
+    channels, height, width = array.shape
+    pieces = []
+    for window in grid.windows(width, height):
+        piece = np.zeros((channels, window.size, window.size), array.dtype)
+        x0, y0 = max(window.x, 0), max(window.y, 0)
+        x1, y1 = min(window.x + window.size, width), min(window.y + window.size, height)
+        piece[:, y0 - window.y : y1 - window.y, x0 - window.x : x1 - window.x] = array[:, y0:y1, x0:x1]
+        pieces.append((window, piece))
+    return pieces
+
+
+def owned_crops_in_image(
+    crops: list, window: Window, height: int, width: int
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """A window's box-local masks (in window pixels, downsample 1) moved into the image it was cut
+    from: (crops in image pixels, clipped to the image; bool (N,) owned: the mask's centroid lies in
+    the window's core, or the mask is empty; bool (N,) touching an inner edge of the window)."""
+    from pipeline.masks import Crop
+
+    moved, owned, touching = [], np.zeros(len(crops), bool), np.zeros(len(crops), bool)
+    left, top, right, bottom = window.inner_edges(width, height)
+    for k, crop in enumerate(crops):
+        h, w = crop.mask.shape
+        touching[k] = (left and crop.x0 == 0) or (top and crop.y0 == 0)
+        touching[k] |= (right and crop.x0 + w >= window.size) or (bottom and crop.y0 + h >= window.size)
+        x0, y0 = crop.x0 + window.x, crop.y0 + window.y
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, width), min(y0 + h, height)
+        mask = crop.mask[cy0 - y0 : max(cy1 - y0, cy0 - y0), cx0 - x0 : max(cx1 - x0, cx0 - x0)]
+        rows, columns = np.nonzero(mask)
+        if len(rows):
+            owned[k] = bool(window.owns(cx0 + columns.mean() + 0.5, cy0 + rows.mean() + 0.5))
+        else:
+            owned[k] = True
+        moved.append(Crop(mask, cx0, cy0))
+    return moved, owned, touching & owned

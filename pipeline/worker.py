@@ -39,7 +39,7 @@ from pipeline.infer import Detections, autocast_dtype, detect
 from pipeline.inputs import Input, InputReader
 from pipeline.model import build_model, configure
 from pipeline.preprocess import Intensity, PreprocessingError, model_input
-from pipeline.windows import Window
+from pipeline.windows import Grid, Window, cut_into_windows, owned_crops_in_image
 from schemas import IMAGES, SCHEMA_VERSION, at_version, instances_schema
 
 
@@ -136,30 +136,24 @@ class ShardProcessor:
                     return [DecodeError("inference", one_line(exc))]
         return [self.infer([a])[0] for a in arrays]
 
-    def _encode(self, row: dict, unit: Input, detections: Detections) -> tuple[InstanceColumns, dict]:
+    def _encode(
+        self, row: dict, unit: Input, pieces: list[tuple[Window | None, Detections]]
+    ) -> tuple[InstanceColumns, dict]:
         """The image's instance rows (every field of the instances schema) and counts of dropped ones.
+
+        ``pieces``: the image's detections, whole (one piece, window None), or
+        per window of an image larger than ``tile_size`` (each window keeps
+        what its core owns, its masks moved into the image).
 
         Order of operations: paste and threshold, suppress overlapping
         duplicates, make pixels exclusive (if set), encode and measure (on the
-        raw pixels), drop empty masks; for a window, keep what its core owns
-        and move coordinates onto the slide (:func:`_onto_slide`).
+        raw pixels), drop empty masks; for a slide's window, keep what its core
+        owns and move coordinates onto the slide (:func:`_onto_slide`).
         """
         raw = unit.raw
-        order = torch.argsort(-detections.scores, stable=True)
-        boxes = detections.boxes[order]
-        crops = masks.paste_on_device(
-            detections.mask_probs[order], boxes, raw.size, self.settings.mask_threshold
-        )
-        boxes = boxes.cpu().numpy()
-        found = InstanceColumns(
-            _crop=crops,
-            label=detections.labels[order].cpu().numpy().astype(np.int16),
-            score=detections.scores[order].cpu().numpy().astype(np.float32),
-            x0=boxes[:, 0],
-            y0=boxes[:, 1],
-            x1=boxes[:, 2],
-            y1=boxes[:, 3],
-        )
+        parts = [self._pasted(raw, window, detections) for window, detections in pieces]
+        found = parts[0] if len(parts) == 1 else _by_score(parts)
+        n_cut = int(sum(part["_touching"].sum() for part in parts))
         kept = postprocess.suppress_overlaps(found["_crop"], self.settings.overlap_threshold)
         found = found.filter(kept)
         if self.settings.exclusive_pixels:
@@ -167,7 +161,7 @@ class ShardProcessor:
         found.update(masks.encode_crops(found["_crop"], raw.size, raw.pixels))
         nonempty = found["area"] > 0
         found = found.filter(nonempty)
-        counts = {"n_empty_masks": int((~nonempty).sum()), "n_suppressed": int((~kept).sum()), "n_cut": 0}
+        counts = {"n_empty_masks": int((~nonempty).sum()), "n_suppressed": int((~kept).sum()), "n_cut": n_cut}
         if unit.window is not None:
             found, counts["n_cut"] = _onto_slide(found, unit.window, unit.slide_size)
         n = len(found)
@@ -193,6 +187,30 @@ class ShardProcessor:
             found[f"{name}_um"] = found[name] * um
         return found, counts
 
+    def _pasted(self, raw: RawImage, window: Window | None, detections: Detections) -> InstanceColumns:
+        """One piece's detections by descending score, masks pasted in their boxes (in the image's
+        frame: a window's are moved into the image and only those its core owns are kept)."""
+        order = torch.argsort(-detections.scores, stable=True)
+        boxes = detections.boxes[order]
+        size = raw.size if window is None else (window.size, window.size)
+        crops = masks.paste_on_device(detections.mask_probs[order], boxes, size, self.settings.mask_threshold)
+        boxes = boxes.cpu().numpy()
+        owned = touching = np.zeros(len(crops), bool)
+        if window is not None:
+            crops, owned, touching = owned_crops_in_image(crops, window, *raw.size)
+            boxes = boxes + np.array([window.x, window.y, window.x, window.y], boxes.dtype)
+        found = InstanceColumns(
+            _crop=crops,
+            _touching=touching,
+            label=detections.labels[order].cpu().numpy().astype(np.int16),
+            score=detections.scores[order].cpu().numpy().astype(np.float32),
+            x0=boxes[:, 0],
+            y0=boxes[:, 1],
+            x1=boxes[:, 2],
+            y1=boxes[:, 3],
+        )
+        return found if window is None else found.filter(owned)
+
     def pixel_size_um(self, raw: RawImage) -> float | None:
         """The image's pixel size in µm: the run's ``--pixel-size-um``, else the file's, else None."""
         return self.settings.pixel_size_um or raw.pixel_size_um
@@ -212,26 +230,44 @@ class ShardProcessor:
         status: dict[int, dict[str, Any]] = {}
         encoded: dict[int, Future] = {}
         encoding: collections.deque[Future] = collections.deque()
-        buckets: dict[tuple[int, int], list[tuple[dict, Input, np.ndarray]]] = {}
+        buckets: dict[tuple[int, int], list[tuple[dict, Input, Window | None, np.ndarray]]] = {}
+        pieces: dict[int, list] = {}  # image_id -> [(window, detections)] as they come out of the model
+        expected: dict[int, int] = {}
 
         def decode(row: dict):
             t = time.perf_counter()
             result = self.prepare(row)
             return result, time.perf_counter() - t
 
-        def run_batch(batch: list[tuple[dict, Input, np.ndarray]]):
+        def run_batch(batch: list[tuple[dict, Input, Window | None, np.ndarray]]):
             t = time.perf_counter()
-            results = self.infer([array for _, _, array in batch])
+            results = self.infer([array for *_, array in batch])
             timings["infer_s"] += time.perf_counter() - t
-            for (row, raw, _), result in zip(batch, results, strict=True):
+            for (row, found, window, _), result in zip(batch, results, strict=True):
+                image_id = row["image_id"]
                 if isinstance(result, DecodeError):
-                    status[row["image_id"]].update(status=result.kind, error=result.message)
+                    status[image_id].update(status=result.kind, error=result.message)
+                    expected[image_id] = -1  # no encode for this image
+                    continue
+                pieces.setdefault(image_id, []).append((window, result))
+                if len(pieces[image_id]) != expected[image_id]:
                     continue
                 while len(encoding) >= self.prefetch:  # bounded encode queue
                     encoding.popleft().result()
-                future = self._encode_pool.submit(self._timed_encode, row, raw, result)
-                encoded[row["image_id"]] = future
+                future = self._encode_pool.submit(self._timed_encode, row, found, pieces.pop(image_id))
+                encoded[image_id] = future
                 encoding.append(future)
+
+        def add(item: tuple[dict, Input, Window | None, np.ndarray]) -> None:
+            """Queue one model input; a full batch runs, and so does the fullest size's once more
+            inputs wait than ``prefetch`` (so inputs of many sizes never pile up)."""
+            size = item[3].shape[1:]
+            bucket = buckets.setdefault(size, [])
+            bucket.append(item)
+            if len(bucket) == self.settings.batch_size:
+                run_batch(buckets.pop(size))
+            elif sum(len(b) for b in buckets.values()) > self.prefetch:
+                run_batch(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
 
         for row, (result, seconds) in zip(
             rows, bounded_map(self._decode_pool, decode, rows, self.prefetch), strict=True
@@ -249,10 +285,14 @@ class ShardProcessor:
                 "channels": list(raw.channel_names),
                 "pixel_size_um": self.pixel_size_um(raw),
             }
-            bucket = buckets.setdefault(raw.size, [])
-            bucket.append((row, found, array))
-            if len(bucket) == self.settings.batch_size:
-                run_batch(buckets.pop(raw.size))
+            tile = self.settings.tile_size
+            if found.window is None and tile and max(raw.size) > tile:
+                cut = cut_into_windows(array, Grid(tile, self.settings.tile_overlap, 1.0))
+            else:
+                cut = [(None, array)]
+            expected[row["image_id"]] = len(cut)
+            for window, piece in cut:
+                add((row, found, window, piece))
         for key in list(buckets):
             run_batch(buckets.pop(key))
 
@@ -301,13 +341,24 @@ class ShardProcessor:
         }
         return ShardOutput(instances, images, summary)
 
-    def _timed_encode(self, row: dict, found: Input, detections: Detections):
+    def _timed_encode(self, row: dict, found: Input, pieces: list[tuple[Window | None, Detections]]):
         t = time.perf_counter()
-        return self._encode(row, found, detections), time.perf_counter() - t
+        return self._encode(row, found, pieces), time.perf_counter() - t
 
     def close(self) -> None:
         """Close the slides this replica holds open."""
         self.inputs.close()
+
+
+def _by_score(parts: list[InstanceColumns]) -> InstanceColumns:
+    """The instances of several pieces of one image in one container, by descending score."""
+    joined = InstanceColumns(length=sum(len(p) for p in parts))
+    for name in parts[0].names:
+        values = [p[name] for p in parts]
+        joined[name] = (
+            [v for part in values for v in part] if isinstance(values[0], list) else np.concatenate(values)
+        )
+    return joined.take(np.argsort(-joined["score"], kind="stable"))
 
 
 def _onto_slide(

@@ -5,14 +5,16 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
 import tifffile
 import torch
+from pycocotools import mask as mask_utils
 
-from pipeline import infer
+from pipeline import infer, inputs
 from pipeline.concurrency import bounded_map
 from pipeline.model import resolve_model
 from pipeline.plan import plain_image_row
@@ -138,3 +140,81 @@ def test_the_replica_writes_the_instances_schema_with_raw_intensities_per_channe
             assert row["axis_major_length_um"] == pytest.approx(row["axis_major_length"] * 0.5)
         else:
             assert row["area_um2"] is None and row["perimeter_um"] is None
+
+
+def _painted_image(path, width: int, height: int, seed: int) -> list[tuple[float, float, float]]:
+    """A grey PNG of soft-edged bright nuclei (two on the seams of 512 px windows overlapping by 64)."""
+    rng = np.random.default_rng(seed)
+    discs = [(448.0, 300.0, 15.0), (896.0, 448.0, 15.0)]
+    while len(discs) < 50:
+        x, y, r = rng.uniform(30, width - 30), rng.uniform(30, height - 30), rng.uniform(9, 16)
+        if all((x - a) ** 2 + (y - b) ** 2 > (r + c + 12) ** 2 for a, b, c in discs):
+            discs.append((x, y, r))
+    labels = np.zeros((height, width), np.uint8)
+    for x, y, r in discs:
+        cv2.ellipse(labels, (round(x), round(y)), (round(r), round(r * 0.8)), 0, 0, 360, 1, -1)
+    signal = cv2.GaussianBlur(labels.astype(np.float32), (0, 0), 1.2) * 150
+    cv2.imwrite(str(path), np.clip(12 + signal + rng.normal(0, 2, signal.shape), 0, 255).astype(np.uint8))
+    return discs
+
+
+def test_an_image_larger_than_a_window_is_decoded_once_and_segmented_in_windows(tmp_path, monkeypatch):
+    discs = _painted_image(tmp_path / "big.png", 1400, 1100, seed=5)
+    loaded = resolve_model(None)
+    settings = InferenceSettings(
+        score_threshold=0.5,
+        mask_threshold=0.5,
+        max_detections=500,
+        batch_size=4,
+        max_pixels=10**8,
+        preprocessing=loaded.card.preprocessing,
+        overlap_threshold=0.7,
+    )
+    decoded = []
+    real_decode = inputs.read_and_decode
+    monkeypatch.setattr(
+        inputs, "read_and_decode", lambda uri, **kw: decoded.append(uri) or real_decode(uri, **kw)
+    )
+    found = {}
+    for tile in (None, 512):
+        processor = ShardProcessor(
+            loaded.card, loaded.module.state_dict(), replace(settings, tile_size=tile, tile_overlap=64)
+        )
+        found[tile] = processor.process(rows_for([tmp_path / "big.png"])).instances.to_pandas()
+    assert len(decoded) == 2  # once per run: the windowed run cut one decoded image into 9 windows
+    whole, windowed = found[None], found[512]
+    overlaps = []
+    for x, y, r in discs:  # every nucleus once, at the same place, with about the same mask
+        near = [f[(f["centroid_x"] - x) ** 2 + (f["centroid_y"] - y) ** 2 < r**2] for f in (whole, windowed)]
+        assert [len(n) for n in near] == [1, 1], (x, y)
+        a, b = (mask_utils.decode({"size": [1100, 1400], "counts": n["rle"].item()}) for n in near)
+        overlaps.append((a & b).sum() / (a | b).sum())
+    assert np.median(overlaps) > 0.95 and min(overlaps) > 0.8
+    assert windowed["height"].eq(1100).all() and windowed["tile_x0"].eq(0).all()  # the image's own frame
+    assert windowed["instance_id"].tolist() == list(range(len(windowed)))
+    assert windowed["score"].is_monotonic_decreasing
+
+
+def test_inputs_of_many_sizes_never_pile_up_waiting_for_a_full_batch(processor, tmp_path, monkeypatch):
+    paths = []
+    for k in range(12):
+        path = tmp_path / f"{k}.png"
+        cv2.imwrite(str(path), np.full((64 + 8 * k, 64, 3), 40, np.uint8))  # 12 sizes, batch size 2
+        paths.append(path)
+    prepared, inferred, waiting = [], [], []
+    real_prepare, real_infer = processor.prepare, processor.infer
+
+    def prepare(row):
+        prepared.append(row["image_id"])
+        return real_prepare(row)
+
+    def infer(arrays):
+        inferred.extend(arrays)
+        waiting.append(len(prepared) - len(inferred))
+        return real_infer(arrays)
+
+    monkeypatch.setattr(processor, "prepare", prepare)
+    monkeypatch.setattr(processor, "infer", infer)
+    output = processor.process(rows_for(paths))
+    assert output.images.num_rows == 12 and set(output.images.column("status").to_pylist()) == {"ok"}
+    assert len(inferred) == 12 and max(waiting) <= 2 * processor.prefetch
