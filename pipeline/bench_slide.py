@@ -4,7 +4,8 @@ On synthetic SVS slides (JPEG tiles, tissue pieces on glass): windows read
 and decoded alone (``tiles_per_s_read``), the model's forward alone on the
 same windows (``forward_images_per_s``), and the whole job from plan to last
 commit (``pipeline_images_per_s``, their ``ratio``), with the units the field
-reports (mm² of tissue and cells per second) and the job's peak memory.
+reports (mm² of tissue and cells per second), the job's peak memory, and
+the GeoJSON export's rate.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from pipeline import segment, synth
 from pipeline.bench import PeakMemory
 from pipeline.card import InferenceSettings
+from pipeline.export import write_geojson
 from pipeline.infer import detect
 from pipeline.inputs import InputReader
 from pipeline.model import resolve_model
@@ -111,6 +113,12 @@ def bench_slide(
             wall = time.perf_counter() - start
         if report.failed or report.images_error:
             raise RuntimeError(f"benchmark run not clean: {segment.format_report(report)}")
+        start = time.perf_counter()
+        exported = 0
+        for slide_row in slide_rows:
+            with open(root / "export.geojson", "w") as stream:
+                exported += write_geojson(str(root / "run"), stream, slide=slide_row["slide_id"])
+        export_s = time.perf_counter() - start
         planned = sum(r["tiles_planned"] for r in slide_rows)
         total = sum(r["tiles_total"] for r in slide_rows)
         tissue_mm2 = float(np.nansum([r["tissue_area_mm2"] or np.nan for r in slide_rows]))
@@ -135,6 +143,7 @@ def bench_slide(
             "cells": report.instances,
             "cells_per_s": round(report.instances / wall, 2),
             "instances_cut": report.instances_cut,
+            "geojson_features_per_s": round(exported / export_s, 1),
             "wall_s": round(wall, 2),
             "peak_rss_bytes": memory.peak_bytes,
             "peak_rss_by_role": memory.peak_by_role,

@@ -28,11 +28,13 @@ from pycocotools import mask as mask_utils
 from jobs import segment as segment_job
 from pipeline import storage
 from pipeline.card import InferenceSettings
+from pipeline.evaluate import evaluate
 from pipeline.export import write_geojson
 from pipeline.model import resolve_model
 from pipeline.plan import Plan
 from pipeline.slides import SlideSettings
 from pipeline.stats import per_slide
+from pipeline.synth import slide_annotations
 from pipeline.windows import window_mask_to_slide
 from pipeline.worker import ShardProcessor
 from tests.conftest import REPO
@@ -276,3 +278,20 @@ def test_a_slide_run_on_s3_killed_mid_slide_and_resumed_equals_the_local_run(
     pd.testing.assert_frame_equal(got.drop(columns="uri"), want.drop(columns="uri"), check_exact=True)
     got_slides, want_slides = rows_of(dest, "slides.parquet"), rows_of(str(local_slide_run), "slides.parquet")
     pd.testing.assert_frame_equal(got_slides.drop(columns="uri"), want_slides.drop(columns="uri"))
+
+
+def test_a_slide_run_is_scored_against_truth_in_slide_coordinates(ray_local, seam_source, tmp_path):
+    """The bundled model on the painted slide, through the job: jobs.evaluate moves each window's
+    masks onto the slide and scores them against the slide's own COCO truth."""
+    labels = painted_slide(tmp_path / "seam.svs", DISCS)  # the same slide, and its label map
+    truth = {
+        "images": [{"id": 1, "file_name": "seam.svs", "width": 768, "height": 768}],
+        "annotations": [dict(a, id=k, image_id=1) for k, a in enumerate(slide_annotations(labels), start=1)],
+        "categories": [{"id": 1, "name": "nucleus"}],
+    }
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    dest = tmp_path / "run"
+    assert run(seam_source, "--output", dest, *SETTINGS) == 0
+    scores, tables = evaluate(str(dest), str(tmp_path / "truth.json"))
+    assert scores["segm.AP50"] > 0.9 and scores["count.mae"] <= 1
+    assert tables["counts"]["gt_count"].tolist() == [len(DISCS)]

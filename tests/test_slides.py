@@ -161,3 +161,23 @@ def test_which_files_are_opened_as_slides():
     assert is_slide_candidate("a/b.svs", 10) and is_slide_candidate("x.NDPI", None)
     assert is_slide_candidate("big.tif", 64 * 2**20) and not is_slide_candidate("tile.tif", 2**20)
     assert not is_slide_candidate("tile.png", 10**9)
+
+
+def test_a_bigtiff_pyramid_is_a_slide(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    path = tmp_path / "big.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(
+            pixels,
+            tile=(256, 256),
+            subifds=1,
+            photometric="rgb",
+            resolution=(2e4, 2e4),
+            resolutionunit="CENTIMETER",
+        )
+        tif.write(pixels[::4, ::4], tile=(128, 128), subfiletype=1, photometric="rgb")
+    slide = Slide(str(path))
+    assert slide.info.level_dimensions == ((1024, 1024), (256, 256)) and slide.info.mpp == pytest.approx(0.5)
+    window = Grid(256, 0, 1.0).windows(1024, 1024)[3]
+    np.testing.assert_array_equal(slide.read_window(window), pixels[0:256, 768:1024])
+    slide.close()
