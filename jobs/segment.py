@@ -81,7 +81,12 @@ def _parser() -> ArgumentParser:
         help="px shared by neighbouring windows, even (default: the model card's largest object, 64 for "
         "the bundled model)",
     )
-    slides.add_argument("--mpp", type=float, help="µm per px the model sees (default: level 0 as it is)")
+    slides.add_argument(
+        "--mpp",
+        type=float,
+        help="µm per px the model sees on slides (default: the model card's, 0.5 for the bundled model, for "
+        "slides that state their pixel size; others at level 0)",
+    )
     slides.add_argument(
         "--mpp-override", type=float, help="µm per level-0 px of every slide (replaces theirs)"
     )

@@ -43,6 +43,9 @@ class ModelCard:
         score_threshold, mask_threshold, max_detections: default thresholds.
         largest_object_px: the largest object the model is meant to find, in
             input pixels; the default window overlap on whole slides.
+        mpp: µm per pixel of the images the model was made for; whole slides
+            that state their pixel size are read at it by default (None:
+            level 0 as it is).
         training: provenance (command, seed, steps, duration), free form.
     """
 
@@ -57,6 +60,7 @@ class ModelCard:
     mask_threshold: float = 0.5
     max_detections: int = 500
     largest_object_px: int = 64
+    mpp: float | None = None
     preprocessing: Preprocessing = preprocess.LEGACY
     training: dict[str, Any] = field(default_factory=dict)
 

@@ -105,7 +105,7 @@ class PinnedSettings:
     tile_overlap: int | None = None
     """Window pixels shared by neighbouring windows; None: the model card's largest object."""
     mpp: float | None = None
-    """µm per pixel the model sees on slides; None: level 0 as it is."""
+    """µm per pixel the model sees on slides; None: the model card's for slides that state theirs."""
     mpp_override: float | None = None
     """µm per level-0 pixel of every slide, replacing the slides' own."""
     tissue: str = "auto"
@@ -617,7 +617,9 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
             shard_size=pinned.shard_size,
             replicas=replicas.count,
             slide_pattern=pinned.slide_pattern,
-            slide_settings=replace(pinned.slide_settings(), preprocessing=settings.preprocessing),
+            slide_settings=replace(
+                pinned.slide_settings(), preprocessing=settings.preprocessing, default_mpp=loaded.card.mpp
+            ),
         )
     except BaseException:
         replicas.discard()

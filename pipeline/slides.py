@@ -376,7 +376,9 @@ class SlideSettings:
     """How the plan lays windows on slides (the run's pinned settings).
 
     tile_size, tile_overlap: window side and overlap in window pixels; mpp:
-    the pixel size (µm) the model should see (None: level 0 as it is);
+    the pixel size (µm) the model should see (``--mpp``: a slide without a
+    pixel size is refused); default_mpp: the model card's, used for slides
+    that state their pixel size (the others are read at level 0 as they are);
     mpp_override: the slides' level-0 pixel size, replacing theirs; tissue:
     ``auto`` or ``all``; max_pixels: a slide file that is not tiled is read
     whole, so it must not have more pixels than this; preprocessing: see below.
@@ -385,6 +387,7 @@ class SlideSettings:
     tile_size: int = 1024
     tile_overlap: int = 64
     mpp: float | None = None
+    default_mpp: float | None = None
     mpp_override: float | None = None
     tissue: str = "auto"
     max_pixels: int = 89_478_485
@@ -527,6 +530,8 @@ def _plan_open_slide(slide: Slide, row: dict, settings: SlideSettings) -> SlideP
             "--tissue all reads every window",
         )
     downsample = 1.0
+    if settings.mpp is None and settings.default_mpp is not None and mpp is not None:
+        downsample = settings.default_mpp / mpp
     if settings.mpp is not None:
         if mpp is None:
             return refuse(

@@ -181,3 +181,14 @@ def test_a_bigtiff_pyramid_is_a_slide(tmp_path):
     window = Grid(256, 0, 1.0).windows(1024, 1024)[3]
     np.testing.assert_array_equal(slide.read_window(window), pixels[0:256, 768:1024])
     slide.close()
+
+
+def test_the_model_cards_pixel_size_is_the_default_for_slides_that_state_theirs(tmp_path):
+    pixels = np.zeros((1024, 1024, 3), np.uint8)
+    write_slide(tmp_path / "fine.svs", pixels, mpp=0.25, compression="zlib")
+    tifffile.imwrite(tmp_path / "unknown.svs", pixels[..., 0], tile=(128, 128))
+    settings = SlideSettings(tile_size=128, tile_overlap=8, default_mpp=0.5, tissue="all")
+    fine = plan_slide(str(tmp_path / "fine.svs"), settings).row
+    assert (fine["status"], fine["level"], fine["tile_downsample"]) == ("ok", 0, 2.0)
+    unknown = plan_slide(str(tmp_path / "unknown.svs"), settings).row
+    assert (unknown["status"], unknown["tile_downsample"]) == ("ok", 1.0)  # read as it is, not refused
