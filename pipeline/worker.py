@@ -153,7 +153,6 @@ class ShardProcessor:
         raw = unit.raw
         parts = [self._pasted(raw, window, detections) for window, detections in pieces]
         found = parts[0] if len(parts) == 1 else _by_score(parts)
-        n_cut = int(sum(part["_touching"].sum() for part in parts))
         kept = postprocess.suppress_overlaps(found["_crop"], self.settings.overlap_threshold)
         found = found.filter(kept)
         if self.settings.exclusive_pixels:
@@ -161,7 +160,11 @@ class ShardProcessor:
         found.update(masks.encode_crops(found["_crop"], raw.size, raw.pixels))
         nonempty = found["area"] > 0
         found = found.filter(nonempty)
-        counts = {"n_empty_masks": int((~nonempty).sum()), "n_suppressed": int((~kept).sum()), "n_cut": n_cut}
+        counts = {
+            "n_empty_masks": int((~nonempty).sum()),
+            "n_suppressed": int((~kept).sum()),
+            "n_cut": int(found["_touching"].sum()),
+        }
         if unit.window is not None:
             found, counts["n_cut"] = _onto_slide(found, unit.window, unit.slide_size)
         n = len(found)
