@@ -98,3 +98,14 @@ def test_scale_benchmark_plans_generated_listings_and_scans_markers():
         assert 0 < row["first_dispatch_s"] <= row["plan_s"]
         assert row["driver_peak_rss_bytes"] >= row["driver_baseline_rss_bytes"] > 0
     assert scan["markers"] == 150 and scan["resume_scan_s"] > 0 and scan["get_per_marker_s"] > 0
+
+
+def test_slide_benchmark_reports_the_fields_units(random_model_path):
+    flags = ["--slides", "1", "--size", "1024", "--tile-size", "256", "--model", str(random_model_path)]
+    result = bench("slide", *flags, "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    for key in ("tiles_per_s_read", "pipeline_images_per_s", "forward_images_per_s", "ratio", "mm2_per_s"):
+        assert row[key] > 0, key
+    assert 0 <= row["background_skipped"] < 1 and row["windows"] > 0 and row["peak_rss_bytes"] > 0
+    assert row["cells_per_s"] >= 0 and row["geojson_features_per_s"] >= 0
