@@ -121,13 +121,7 @@ def _pipeline(parser, args) -> int:
         shard_size=args.shard_size,
         memory_factor=args.memory_factor,
     )
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"{_machine()}, {args.device}")
-    for key, value in result.items():
-        print(f"{key:>24}: {value}")
-    return 0
+    return _print_result(result, args)
 
 
 def _robustness(parser, args) -> int:
@@ -183,6 +177,11 @@ def _slide(parser, args) -> int:
         device=args.device,
         batch_size=args.batch_size,
     )
+    return _print_result(result, args)
+
+
+def _print_result(result: dict, args) -> int:
+    """One benchmark's figures: one JSON object (``--json``), or a line per figure after the machine."""
     if args.json:
         print(json.dumps(result))
         return 0

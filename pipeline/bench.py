@@ -237,9 +237,10 @@ def make_archive(dest: Path, images: int, size: int, tiles_per_slide: int = 16) 
 
 
 def bare_forward_images_per_s(
-    model: str | None, image_paths: list[Path], *, batch_size: int, device: str, threads: int
+    model: str | None, rows: list[dict], *, batch_size: int, device: str, threads: int
 ) -> float:
-    """Images/s of the model's forward (no paste, no encode) over preloaded device tensors.
+    """Images/s of the model's forward (no paste, no encode) over preloaded device tensors of the
+    manifest ``rows`` (image files or slide windows).
 
     Same model construction, precision and batch size as a replica; one
     warm-up batch is not timed.
@@ -256,7 +257,7 @@ def bare_forward_images_per_s(
     processor = ShardProcessor(
         loaded.card, loaded.module.state_dict(), settings, device=device, threads=threads
     )
-    arrays = [processor.prepare(plain_image_row(str(p)))[1] for p in image_paths]
+    arrays = [processor.prepare(row)[1] for row in rows]
     batches = [processor.to_device(arrays[i : i + batch_size]) for i in range(0, len(arrays), batch_size)]
     detect(processor.model, batches[0], autocast=processor.autocast)
 
@@ -345,8 +346,9 @@ def bench_pipeline(
             replicas=1, gpus_per_replica=gpus, batch_size=batch_size, progress=False
         )
         threads = segment.replica_layout(execution)[2]
+        rows = [plain_image_row(str(p)) for p in paths]
         forward = bare_forward_images_per_s(
-            model, paths, batch_size=batch_size, device=device, threads=int(threads)
+            model, rows, batch_size=batch_size, device=device, threads=int(threads)
         )
         pinned = {"model": model, "shard_size": shard_size}
         wall, memory_small, report = _timed_run(small, root / "run", pinned, execution)

@@ -16,17 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline import segment, synth
-from pipeline.bench import PeakMemory
-from pipeline.card import InferenceSettings
+from pipeline.bench import PeakMemory, bare_forward_images_per_s
 from pipeline.export import write_geojson
-from pipeline.infer import detect
 from pipeline.inputs import InputReader
-from pipeline.model import resolve_model
 from pipeline.plan import Plan
-from pipeline.worker import ShardProcessor
 
 
 def _window_rows(source: Path, pinned: segment.PinnedSettings) -> tuple[list[dict], list[dict]]:
@@ -48,35 +43,6 @@ def read_tiles_per_s(rows: list[dict]) -> float:
         return len(rows) / (time.perf_counter() - start)
     finally:
         reader.close()
-
-
-def forward_images_per_s(
-    model: str | None, rows: list[dict], *, batch_size: int, device: str, threads: int
-) -> float:
-    """Windows per second through the model's forward alone (inputs prepared and on the device first)."""
-    loaded = resolve_model(model)
-    settings = InferenceSettings(
-        score_threshold=loaded.card.score_threshold,
-        mask_threshold=loaded.card.mask_threshold,
-        max_detections=loaded.card.max_detections,
-        batch_size=batch_size,
-        max_pixels=segment.DEFAULT_MAX_PIXELS,
-        preprocessing=loaded.card.preprocessing,
-    )
-    processor = ShardProcessor(
-        loaded.card, loaded.module.state_dict(), settings, device=device, threads=threads
-    )
-    arrays = [processor.prepare(row)[1] for row in rows]
-    batches = [processor.to_device(arrays[i : i + batch_size]) for i in range(0, len(arrays), batch_size)]
-    detect(processor.model, batches[0], autocast=processor.autocast)
-    start = time.perf_counter()
-    for batch in batches:
-        detect(processor.model, batch, autocast=processor.autocast)
-    if processor.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    processor.close()
-    return len(arrays) / seconds
 
 
 def bench_slide(
@@ -106,7 +72,9 @@ def bench_slide(
             replicas=1, gpus_per_replica=gpus, batch_size=batch_size, progress=False
         )
         threads = int(segment.replica_layout(execution)[2])
-        forward = forward_images_per_s(model, rows, batch_size=batch_size, device=device, threads=threads)
+        forward = bare_forward_images_per_s(
+            model, rows, batch_size=batch_size, device=device, threads=threads
+        )
         with PeakMemory() as memory:
             start = time.perf_counter()
             report = segment.new_run(str(root / "run"), pinned, execution)
