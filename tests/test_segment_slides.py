@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -25,6 +26,7 @@ import pytest
 import shapely
 from pycocotools import mask as mask_utils
 
+from jobs import render as segment_render
 from jobs import segment as segment_job
 from pipeline import storage
 from pipeline.card import InferenceSettings
@@ -32,7 +34,7 @@ from pipeline.evaluate import evaluate
 from pipeline.export import write_geojson
 from pipeline.model import resolve_model
 from pipeline.plan import Plan
-from pipeline.slides import SlideSettings
+from pipeline.slides import Slide, SlideSettings
 from pipeline.stats import per_slide
 from pipeline.synth import slide_annotations
 from pipeline.windows import window_mask_to_slide
@@ -295,3 +297,19 @@ def test_a_slide_run_is_scored_against_truth_in_slide_coordinates(ray_local, sea
     scores, tables = evaluate(str(dest), str(tmp_path / "truth.json"))
     assert scores["segm.AP50"] > 0.9 and scores["count.mae"] <= 1
     assert tables["counts"]["gt_count"].tolist() == [len(DISCS)]
+
+
+def test_render_draws_a_density_heatmap_and_a_full_resolution_region(local_slide_run, slide_folder, tmp_path):
+    heatmap, region = tmp_path / "A.png", tmp_path / "region.png"
+    assert segment_render.main([str(local_slide_run), "--slide", "A", "--output", str(heatmap)]) == 0
+    assert cv2.imread(str(heatmap)).shape[:2] == (768, 768)  # the finest level of at most 2048 px
+    args = [str(local_slide_run), "--slide", "A", "--region", "100,200,300,150", "--output", str(region)]
+    assert segment_render.main(args) == 0
+    drawn = cv2.cvtColor(cv2.imread(str(region)), cv2.COLOR_BGR2RGB)
+    slide = Slide(str(slide_folder / "A.svs"))
+    raw = slide.read_region(100, 200, 0, 300, 150)
+    slide.close()
+    outlined = (drawn != raw).any(axis=2)
+    assert drawn.shape == raw.shape and 0.005 < outlined.mean() < 0.5  # outlines on the slide's own pixels
+    bad = [str(local_slide_run), "--slide", "A", "--region", "700,700,300,300", "--output", str(region)]
+    assert segment_render.main(bad) == 2

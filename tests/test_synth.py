@@ -12,6 +12,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline.decode import decode_image
+from pipeline.slides import Slide
 from pipeline.synth import FILE_TYPES, MAX_HIDDEN_FRACTION, SHIFTS, TRAINING, render_tile, write_archive
 from tests.conftest import REPO
 
@@ -131,3 +132,41 @@ def test_synth_command_writes_background_only_archives_and_refuses_a_bad_fractio
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
         "jobs.synth: error: --empty-fraction must be in [0, 1] (see --help)"
     ]
+
+
+def test_whole_slides_have_truth_in_level_0_coordinates(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.synth",
+            str(tmp_path),
+            "--whole-slides",
+            "--slides",
+            "1",
+            "--size",
+            "1024",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    coco = json.loads((tmp_path / "annotations.json").read_text())
+    assert coco["images"] == [{"id": 1, "file_name": "slide-000.svs", "width": 1024, "height": 1024}]
+    slide = Slide(str(tmp_path / "slide-000.svs"))
+    assert (slide.info.vendor, slide.info.mpp, len(slide.info.level_dimensions)) == ("aperio", 0.5, 3)
+    pixels = slide.read_region(0, 0, 0, 1024, 1024).max(axis=2).astype(float)
+    inside = np.zeros((1024, 1024), bool)
+    for annotation in coco["annotations"]:
+        mask = mask_utils.decode(annotation["segmentation"]).astype(bool)
+        assert mask.sum() == annotation["area"] > 0
+        x, y, w, h = annotation["bbox"]
+        ys, xs = np.nonzero(mask)
+        assert (xs.min(), ys.min(), xs.max() + 1 - x, ys.max() + 1 - y) == (x, y, w, h)
+        inside |= mask
+    outside = ~inside
+    assert len(coco["annotations"]) > 50
+    assert pixels[inside].mean() > 2 * pixels[outside].mean()  # the truth lies on the drawn nuclei
+    slide.close()
