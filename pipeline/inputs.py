@@ -47,14 +47,14 @@ class InputReader:
             return raw if isinstance(raw, DecodeError) else Input(raw)
         window = Window.from_row(row)
         try:
-            slide = self.slides.get(row["uri"])
-        except SlideError as exc:
+            with self.slides.reading(row["uri"]) as slide:
+                try:
+                    pixels = slide.read_window(window)
+                except SlideError as exc:
+                    return DecodeError("decode", one_line(exc))
+                info = slide.info
+        except SlideError as exc:  # the slide could not be opened
             return DecodeError("unreadable", one_line(exc))
-        try:
-            pixels = slide.read_window(window)
-        except SlideError as exc:
-            return DecodeError("decode", one_line(exc))
-        info = slide.info
         mpp = self.mpp_override or info.mpp
         raw = RawImage(pixels, info.channels, mpp * window.downsample if mpp else None)
         return Input(raw, window, (info.width, info.height))

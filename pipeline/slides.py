@@ -14,13 +14,16 @@ Known properties of the reader, which the pipeline works with:
 
 * a handle cannot be pickled: each replica opens each slide itself, once
   (:class:`SlideCache`), never once per window;
-* tiffslide reads a region's tiles one after the other on one I/O thread per
-  process, so region reads do not run in parallel within a replica; on this
-  project's CPU that is far above what the forward pass consumes (see
-  BENCHMARKS.md), on a fast GPU it may not be;
+* one open slide is read by one thread at a time (a lock in :class:`Slide`;
+  the handle and its file position are shared), so windows of one slide are
+  read one after the other within a replica, windows of different slides in
+  parallel; on this project's CPU one reader runs at 113 times what the
+  forward pass consumes (BENCHMARKS.md), on a fast GPU that margin is smaller;
 * small reads: the file object handed to tiffslide caches 256 kB blocks
-  (:class:`BlockCachedFile`), so the header's many small reads become a few
-  range requests.
+  (:class:`BlockCachedFile`, at most 16 MB per open slide, 4 open slides per
+  replica), so the header's many small reads become a few range requests;
+* tifffile parses every page header on open: the pipeline opens a slide once
+  per replica, and the plan once per slide.
 
 Coordinates: level-0 pixels, x to the right, y down, as in the tables.
 """
@@ -28,10 +31,12 @@ Coordinates: level-0 pixels, x to the right, y down, as in the tables.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import io
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -266,6 +271,11 @@ class Slide:
             scale *= max(w, h) / THUMBNAIL_MAX_SIDE
         return pixels, scale
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._file.closed
+
     def close(self) -> None:
         self._slide.close()
         self._file.close()
@@ -307,33 +317,59 @@ def _describe(slide) -> SlideInfo:
 
 
 class SlideCache:
-    """Open slides of one replica, by URI, at most ``capacity`` at once (least recently used closed)."""
+    """Open slides of one replica, by URI, at most ``capacity`` at once (least recently used closed).
+
+    A slide pushed out while a thread still reads it is closed when the last
+    reader is done, never under it.
+    """
 
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
         self._open: collections.OrderedDict[str, Slide] = collections.OrderedDict()
+        self._readers: collections.Counter[Slide] = collections.Counter()
+        self._retired: set[Slide] = set()
         self._lock = threading.Lock()
         self.opened = 0
 
-    def get(self, uri: str) -> Slide:
-        """The open slide at ``uri`` (opened now if needed). Raises :class:`SlideError`."""
+    @contextlib.contextmanager
+    def reading(self, uri: str) -> Iterator[Slide]:
+        """The open slide at ``uri`` (opened now if needed) for the block. Raises :class:`SlideError`."""
         with self._lock:
             slide = self._open.get(uri)
-            if slide is not None:
+            if slide is None:
+                slide = Slide(uri)
+                self.opened += 1
+                self._open[uri] = slide
+                while len(self._open) > self.capacity:
+                    self._retire(self._open.popitem(last=False)[1])
+            else:
                 self._open.move_to_end(uri)
-                return slide
-            slide = Slide(uri)
-            self.opened += 1
-            self._open[uri] = slide
-            if len(self._open) > self.capacity:
-                self._open.popitem(last=False)[1].close()
-            return slide
+            self._readers[slide] += 1
+        try:
+            yield slide
+        finally:
+            with self._lock:
+                self._readers[slide] -= 1
+                if slide in self._retired and not self._readers[slide]:
+                    self._retire(slide)
+
+    def _retire(self, slide: Slide) -> None:
+        """Close ``slide`` now if nobody reads it, else when its last reader is done (lock held)."""
+        if self._readers[slide]:
+            self._retired.add(slide)
+            return
+        self._retired.discard(slide)
+        del self._readers[slide]
+        slide.close()
 
     def close(self) -> None:
-        """Close every open slide."""
+        """Close every open slide (no reader may be left)."""
         with self._lock:
-            while self._open:
-                self._open.popitem()[1].close()
+            for slide in [*self._open.values(), *self._retired]:
+                slide.close()
+            self._open.clear()
+            self._retired.clear()
+            self._readers.clear()
 
 
 def background_of(thumbnail: np.ndarray) -> np.ndarray:

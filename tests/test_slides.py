@@ -10,7 +10,7 @@ import tifffile
 
 from pipeline import storage
 from pipeline.preprocess import DEFAULT
-from pipeline.slides import Slide, SlideSettings, is_slide_candidate, plan_slide, slide_id_of
+from pipeline.slides import Slide, SlideCache, SlideSettings, is_slide_candidate, plan_slide, slide_id_of
 from pipeline.synth import write_slide
 from pipeline.windows import Grid
 from tests.helpers import painted_slide
@@ -192,3 +192,19 @@ def test_the_model_cards_pixel_size_is_the_default_for_slides_that_state_theirs(
     assert (fine["status"], fine["level"], fine["tile_downsample"]) == ("ok", 0, 2.0)
     unknown = plan_slide(str(tmp_path / "unknown.svs"), settings).row
     assert (unknown["status"], unknown["tile_downsample"]) == ("ok", 1.0)  # read as it is, not refused
+
+
+def test_a_slide_pushed_out_of_the_cache_is_closed_only_after_its_last_reader(left_half_slide, tmp_path):
+    painted_slide(tmp_path / "other.svs", NUCLEI_LEFT[:3])
+    cache = SlideCache(capacity=1)
+    window = Grid(128, 0, 1.0).windows(768, 768)[0]
+    with cache.reading(str(left_half_slide)) as first:
+        with cache.reading(str(tmp_path / "other.svs")) as second:  # pushes the first one out
+            assert not first.closed  # pushed out, but still being read
+            assert first.read_window(window).shape == second.read_window(window).shape == (128, 128, 3)
+        assert not first.closed and not second.closed
+    assert first.closed and not second.closed  # closed once its last reader was done
+    with cache.reading(str(left_half_slide)) as again:  # opened anew
+        assert again is not first and again.read_window(window).shape == (128, 128, 3)
+    assert cache.opened == 3
+    cache.close()
