@@ -259,6 +259,8 @@ class Plan:
                 yield from self._expand(*pending.popleft())
 
     def _expand(self, uri: str, planned) -> Iterator[tuple[str, str, dict | None]]:
+        """The units of one listed file: itself (a plain image), or its slide's windows (``planned``:
+        the future of its :class:`SlidePlan`), whose ``slides`` row is recorded."""
         if planned is None:
             yield uri, self._namer(uri), None
             return
@@ -277,6 +279,7 @@ _PLAIN_IMAGE = {name: None for name in MANIFEST.names} | {
     "tile_y0": 0.0,
     "tile_downsample": 1.0,
 }
+"""The window columns of a plain image's manifest row (origin 0, downsample 1, no level or core)."""
 
 
 def plain_image_row(uri: str, image_id: int = 0, slide_id: str = "", shard_id: int = 0) -> dict:
