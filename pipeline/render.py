@@ -190,7 +190,7 @@ def slide_heatmap(dest: str, slide: str) -> np.ndarray:
     row = _slide_row(dest, slide)
     opened = Slide(row["uri"])
     try:
-        thumbnail, scale = opened.thumbnail()
+        thumbnail, scale = opened.thumbnail
         picture = for_display(RawImage(thumbnail, opened.info.channels)).copy()
     finally:
         opened.close()

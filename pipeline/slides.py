@@ -77,6 +77,11 @@ class SlideError(ValueError):
     """A slide that cannot be opened or read (corrupt, truncated, unsupported layout)."""
 
 
+_READER_ERRORS = (ValueError, KeyError, IndexError, NotImplementedError, EOFError, OSError, RuntimeError)
+"""What tifffile, tiffslide and the codecs raise on a file they cannot parse or a tile they cannot
+decode (imagecodecs' errors are RuntimeErrors, tifffile's TiffFileError a ValueError)."""
+
+
 class BlockCachedFile(io.RawIOBase):
     """A read-only file object over a ``pyarrow`` random-access file, reading aligned blocks (LRU).
 
@@ -184,15 +189,7 @@ class Slide:
         try:
             self._slide = TiffSlide(self._file, tifffile_options={"name": path.rsplit("/", 1)[-1]})
             self.info = _describe(self._slide)
-        except (
-            ValueError,
-            KeyError,
-            IndexError,
-            NotImplementedError,
-            EOFError,
-            OSError,
-            RuntimeError,
-        ) as exc:
+        except _READER_ERRORS as exc:
             self._file.close()
             raise SlideError(f"not a readable slide: {type(exc).__name__}: {exc}") from None
         self._lock = threading.Lock()
@@ -211,7 +208,7 @@ class Slide:
         try:
             with self._lock:
                 region = self._slide.read_region((x, y), level, (width, height), as_array=True)
-        except (ValueError, KeyError, IndexError, RuntimeError, EOFError, OSError) as exc:
+        except _READER_ERRORS as exc:
             raise SlideError(
                 f"cannot read level {level} at ({x}, {y}): {type(exc).__name__}: {exc}"
             ) from None
@@ -222,7 +219,7 @@ class Slide:
     def background(self) -> np.ndarray:
         """The glass's value per channel (median of the thumbnail's border), native dtype: what
         windows are padded with beyond the slide's edge."""
-        thumbnail, _ = self.thumbnail()
+        thumbnail, _ = self.thumbnail
         return background_of(thumbnail).astype(thumbnail.dtype)
 
     def read_window(self, window: Window) -> np.ndarray:
@@ -252,11 +249,14 @@ class Slide:
             pixels = resized.reshape(window.size, window.size, -1)
         return pixels
 
+    @functools.cached_property
     def thumbnail(self) -> tuple[np.ndarray, float]:
         """(pixels (h, w, C), level-0 pixels per thumbnail pixel): the level tissue is found on.
 
         The finest level whose longer side is at most :data:`THUMBNAIL_MAX_SIDE`,
-        else the coarsest level, resized down to that side.
+        else the coarsest level, resized down to that side. Read once per open
+        slide (the plan's tissue and the glass colour share it; a replica reads
+        it only for a window that reaches beyond the slide).
         """
         dims, downsamples = self.info.level_dimensions, self.info.level_downsamples
         fitting = [k for k, (w, h) in enumerate(dims) if max(w, h) <= THUMBNAIL_MAX_SIDE]
@@ -490,13 +490,12 @@ def slide_intensity(
         found = np.arange(tissue.size)
     picks = found[np.linspace(0, len(found) - 1, INTENSITY_SAMPLES).round().astype(int)]
     rows, columns = np.divmod(picks, tissue.shape[1])
-    extent = round(INTENSITY_PATCH * grid.extent / grid.size)
-    patch = Grid(INTENSITY_PATCH, 0, extent / INTENSITY_PATCH, grid.level)
+    extent = round(INTENSITY_PATCH * grid.extent / grid.size)  # level-0 px
     values = []
     for row, column in zip(rows, columns, strict=True):
         x, y = round((column + 0.5) * scale) - extent // 2, round((row + 0.5) * scale) - extent // 2
         window = Window(
-            x, y, INTENSITY_PATCH, patch.extent / INTENSITY_PATCH, grid.level, x, y, x + extent, y + extent
+            x, y, INTENSITY_PATCH, extent / INTENSITY_PATCH, grid.level, x, y, x + extent, y + extent
         )
         values.append(select_channels(slide.read_window(window), preprocessing.channel, slide.info.channels))
     return intensity_map(np.concatenate(values, axis=0), preprocessing)
@@ -581,14 +580,12 @@ def _plan_open_slide(slide: Slide, row: dict, settings: SlideSettings) -> SlideP
     columns, rows = grid.shape(info.width, info.height)
     row.update(level=level, tile_downsample=grid.extent / grid.size, tiles_total=columns * rows)
     if settings.tissue == "all":
-        side = max(info.width, info.height)
-        scale = side / 64
-        tissue = np.zeros((math.ceil(info.height / scale), math.ceil(info.width / scale)), bool)
-        tissue[:] = True
+        scale = max(info.width, info.height) / 64  # a coarse all-tissue mask
+        tissue = np.ones((math.ceil(info.height / scale), math.ceil(info.width / scale)), bool)
         mask, fraction = tissue, 1.0
     else:
         try:
-            thumbnail, scale = slide.thumbnail()
+            thumbnail, scale = slide.thumbnail
         except SlideError as exc:
             return refuse("unreadable", f"low-resolution level: {exc}")
         tissue = tissue_mask(thumbnail)
