@@ -94,6 +94,19 @@ class InstanceColumns:
             )
 
     @staticmethod
+    def concat(parts: list[InstanceColumns]) -> InstanceColumns:
+        """The instances of ``parts`` (same fields, e.g. several images) one after the other."""
+        joined = InstanceColumns(length=sum(len(part) for part in parts))
+        for name in parts[0].names if parts else []:
+            values = [part[name] for part in parts]
+            joined[name] = (
+                np.concatenate(values)
+                if isinstance(values[0], np.ndarray)
+                else [v for part in values for v in part]
+            )
+        return joined
+
+    @staticmethod
     def to_table(parts: Iterable[InstanceColumns], schema: pa.Schema) -> pa.Table:
         """One Arrow table (``schema``) of the instances of several images, in order.
 
@@ -106,12 +119,11 @@ class InstanceColumns:
         parts = [part for part in parts if len(part)]
         if not parts:
             return schema.empty_table()
+        joined = InstanceColumns.concat(parts)
         arrays = []
         for field in schema:
-            values = [part[field.name] for part in parts]
-            if isinstance(values[0], np.ndarray):
-                # NaN is null in nullable float fields (a µm value without a pixel size).
-                arrays.append(pa.array(np.concatenate(values), type=field.type, from_pandas=field.nullable))
-            else:
-                arrays.append(pa.array([v for part in values for v in part], type=field.type))
+            values = joined[field.name]
+            # NaN is null in nullable float fields (a µm value without a pixel size).
+            from_pandas = isinstance(values, np.ndarray) and field.nullable
+            arrays.append(pa.array(values, type=field.type, from_pandas=from_pandas))
         return pa.Table.from_arrays(arrays, schema=schema)

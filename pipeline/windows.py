@@ -71,11 +71,22 @@ class Window:
         x, y = np.asarray(x), np.asarray(y)
         return (x >= self.core_x0) & (x < self.core_x1) & (y >= self.core_y0) & (y < self.core_y1)
 
-    def inner_edges(self, slide_width: int, slide_height: int) -> tuple[bool, bool, bool, bool]:
-        """(left, top, right, bottom): whether each side of the window lies inside the slide,
-        i.e. an object touching it may go on beyond the window."""
+    def touches_inner_edge(self, crops: list, slide_width: int, slide_height: int) -> np.ndarray:
+        """bool (N,): whether each box-local mask (window pixels) touches a side of the window that
+        lies inside the slide (or image), i.e. its object may go on beyond the window."""
         extent = self.extent
-        return self.x > 0, self.y > 0, self.x + extent < slide_width, self.y + extent < slide_height
+        left, top = self.x > 0, self.y > 0
+        right, bottom = self.x + extent < slide_width, self.y + extent < slide_height
+        return np.array(
+            [
+                (left and c.x0 == 0)
+                or (top and c.y0 == 0)
+                or (right and c.x0 + c.mask.shape[1] >= self.size)
+                or (bottom and c.y0 + c.mask.shape[0] >= self.size)
+                for c in crops
+            ],
+            bool,
+        ).reshape(len(crops))
 
     def row(self) -> dict:
         """The window's manifest columns (see ``schemas.MANIFEST``)."""
@@ -231,12 +242,10 @@ def owned_crops_in_image(
     the window's core, or the mask is empty; bool (N,) touching an inner edge of the window)."""
     from pipeline.masks import Crop
 
-    moved, owned, touching = [], np.zeros(len(crops), bool), np.zeros(len(crops), bool)
-    left, top, right, bottom = window.inner_edges(width, height)
+    moved, owned = [], np.zeros(len(crops), bool)
+    touching = window.touches_inner_edge(crops, width, height)
     for k, crop in enumerate(crops):
         h, w = crop.mask.shape
-        touching[k] = (left and crop.x0 == 0) or (top and crop.y0 == 0)
-        touching[k] |= (right and crop.x0 + w >= window.size) or (bottom and crop.y0 + h >= window.size)
         x0, y0 = crop.x0 + window.x, crop.y0 + window.y
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, width), min(y0 + h, height)
         mask = crop.mask[cy0 - y0 : max(cy1 - y0, cy0 - y0), cx0 - x0 : max(cx1 - x0, cx0 - x0)]

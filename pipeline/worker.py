@@ -355,12 +355,7 @@ class ShardProcessor:
 
 def _by_score(parts: list[InstanceColumns]) -> InstanceColumns:
     """The instances of several pieces of one image in one container, by descending score."""
-    joined = InstanceColumns(length=sum(len(p) for p in parts))
-    for name in parts[0].names:
-        values = [p[name] for p in parts]
-        joined[name] = (
-            [v for part in values for v in part] if isinstance(values[0], list) else np.concatenate(values)
-        )
+    joined = InstanceColumns.concat(parts)
     return joined.take(np.argsort(-joined["score"], kind="stable"))
 
 
@@ -376,18 +371,7 @@ def _onto_slide(
     cx, cy = cx[owned], cy[owned]
     x0, y0 = window.to_slide(found["x0"], found["y0"])
     x1, y1 = window.to_slide(found["x1"], found["y1"])
-    left, top, right, bottom = window.inner_edges(width, height)
-    crops = found["_crop"]
-    touches = np.array(
-        [
-            (left and c.x0 == 0)
-            or (top and c.y0 == 0)
-            or (right and c.x0 + c.mask.shape[1] >= window.size)
-            or (bottom and c.y0 + c.mask.shape[0] >= window.size)
-            for c in crops
-        ],
-        bool,
-    )
+    touches = window.touches_inner_edge(found["_crop"], width, height)
     found.update(
         InstanceColumns(
             length=len(found),
