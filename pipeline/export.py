@@ -30,7 +30,7 @@ import shapely
 
 from pipeline import commit, features, storage
 from pipeline.evaluate import detections_from_instances, load
-from pipeline.stats import dataset, read_slides, read_table
+from pipeline.stats import dataset, read_table, slide_row
 
 CLASS_COLOURS = (
     (31, 119, 180),
@@ -154,13 +154,10 @@ def _features_json(batch: pa.RecordBatch, measured: list[str], offset: tuple[int
 
 def _bounds_offset(dest: str, slide: str | None) -> tuple[int, int]:
     """(bounds_x, bounds_y) of ``slide`` in the run's slides table; (0, 0) for tiles."""
-    slides = read_slides(dest)
-    if slide is None or slides is None:
+    row = slide_row(dest, slide) if slide is not None else None
+    if row is None:
         return (0, 0)
-    row = slides[slides["slide_id"] == slide]
-    if row.empty:
-        return (0, 0)
-    return int(row["bounds_x"].fillna(0).iloc[0]), int(row["bounds_y"].fillna(0).iloc[0])
+    return tuple(int(row[name]) if pd.notna(row[name]) else 0 for name in ("bounds_x", "bounds_y"))
 
 
 def _geometries_json(polygons: pa.Array, offset: tuple[int, int]) -> np.ndarray:

@@ -172,22 +172,15 @@ MAX_REGION_PX = 4096
 """Longest side of a full-resolution ``--region`` picture, level-0 px."""
 
 
-def _slide_row(dest: str, slide: str) -> pd.Series | None:
-    slides = stats.read_slides(dest)
-    if slides is None or not (slides["slide_id"] == slide).any():
-        return None
-    return slides[slides["slide_id"] == slide].iloc[0]
-
-
 def is_slide_file(dest: str, slide: str) -> bool:
     """Whether ``slide`` is a whole-slide file of the run (not a folder of tiles)."""
-    return _slide_row(dest, slide) is not None
+    return stats.slide_row(dest, slide) is not None
 
 
 def slide_heatmap(dest: str, slide: str) -> np.ndarray:
     """The slide's thumbnail (RGB uint8) with a heatmap of cell density (cells per mm², or per cell of
     the grid when the pixel size is unknown) over it, and the scale written in a corner."""
-    row = _slide_row(dest, slide)
+    row = stats.slide_row(dest, slide)
     opened = Slide(row["uri"])
     try:
         thumbnail, scale = opened.thumbnail
@@ -236,7 +229,7 @@ def slide_region(dest: str, slide: str, x: int, y: int, width: int, height: int)
     """
     if not (0 < width <= MAX_REGION_PX and 0 < height <= MAX_REGION_PX):
         raise ValueError(f"--region sides must be 1 to {MAX_REGION_PX} px, got {width} x {height}")
-    row = _slide_row(dest, slide)
+    row = stats.slide_row(dest, slide)
     if x < 0 or y < 0 or x + width > row["width"] or y + height > row["height"]:
         raise ValueError(
             f"--region {x},{y},{width},{height} is not inside the slide ({row['width']} x {row['height']})"

@@ -11,6 +11,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline import commit, storage
+from pipeline.plan import slides_uri
 from schemas import IMAGES, INSTANCES, READABLE_VERSIONS, check_version
 
 FEATURE_PATTERN = re.compile(r"^(?P<column>[a-z_0-9]+)(\[(?P<channel>[^\]]+)\])?$")
@@ -236,7 +237,7 @@ def per_slide(
 
 def read_slides(dest: str) -> pd.DataFrame | None:
     """The run's ``slides`` table (whole-slide runs), or None for a run without slide files."""
-    uri = storage.join(dest, "slides.parquet")
+    uri = slides_uri(dest)
     if not storage.exists(uri):
         return None
     fs, path = storage.resolve(uri)
@@ -244,3 +245,11 @@ def read_slides(dest: str) -> pd.DataFrame | None:
         table = pq.read_table(handle)
     check_version(table.schema, "slides", READABLE_VERSIONS)
     return table.to_pandas()
+
+
+def slide_row(dest: str, slide: str) -> pd.Series | None:
+    """The ``slides`` row of slide file ``slide`` in the run, or None (no such slide file)."""
+    slides = read_slides(dest)
+    if slides is None or not (slides["slide_id"] == slide).any():
+        return None
+    return slides[slides["slide_id"] == slide].iloc[0]
