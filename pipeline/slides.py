@@ -384,9 +384,10 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     Works for bright-field (tissue darker than a white glass) and dark-field
     fluorescence (tissue brighter than a black background) alike: the glass
     is the median of the thumbnail's border, every pixel's distance from it
-    (largest over channels, relative to the thumbnail's range) is thresholded
-    at half its Otsu threshold (pale tissue stays in), then closed and
-    cleared of specks.
+    (largest over channels) is thresholded at half its Otsu threshold or a
+    tenth of the thumbnail's range, whichever is lower (pale tissue stays in),
+    but never within 3 sigma of the glass's noise; then closed and cleared of
+    specks.
     """
     pixels = thumbnail.astype(np.float32)
     span = float(np.percentile(pixels, 99.5) - np.percentile(pixels, 0.5)) or 1.0
@@ -394,9 +395,10 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     distance = cv2.GaussianBlur(distance, (0, 0), 1.0)
     eight_bit = np.clip(distance / span * 255, 0, 255).astype(np.uint8)
     otsu, _ = cv2.threshold(eight_bit, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # Half of Otsu keeps pale tissue; never within 3 sigma of the glass's noise (the thumbnail's
-    # own, before the blur), so bare glass has no tissue.
-    threshold = max(otsu / 2 / 255 * span, 3 * noise_sigma(thumbnail))
+    # Half of Otsu, and at most a tenth of the range, keeps pale tissue beside strongly stained
+    # tissue; never within 3 sigma of the glass's noise (the thumbnail's own, before the blur),
+    # so bare glass has no tissue.
+    threshold = max(min(otsu / 2 / 255 * span, span / 10), 3 * noise_sigma(thumbnail))
     mask = (distance > threshold).astype(np.uint8)
     close = max(5, round(max(mask.shape) / 80))  # joins the nuclei of one piece of tissue
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((close, close), np.uint8))

@@ -208,3 +208,19 @@ def test_a_slide_pushed_out_of_the_cache_is_closed_only_after_its_last_reader(le
         assert again is not first and again.read_window(window).shape == (128, 128, 3)
     assert cache.opened == 3
     cache.close()
+
+
+def test_tissue_on_a_bright_field_slide_is_found_pale_parts_included(tmp_path):
+    """White glass, pink H&E-like tissue in the left half with a pale (eosin-only) strip: the same
+    detector finds tissue darker than the glass, and not the glass's noise."""
+    rng = np.random.default_rng(4)
+    pixels = np.clip(rng.normal(242, 2.0, (1024, 1024, 3)), 0, 255)
+    pixels[100:900, 80:380] = (200, 120, 170)  # stained tissue
+    pixels[100:900, 380:460] = (232, 215, 228)  # pale tissue, 10-27 grey levels below the glass
+    pixels[300:700:20, 100:360] = (90, 50, 120)  # nuclei rows
+    write_slide(tmp_path / "he.svs", pixels.astype(np.uint8), compression="zlib")
+    planned = plan_slide(str(tmp_path / "he.svs"), SlideSettings(tile_size=128, tile_overlap=16))
+    assert planned.row["status"] == "ok"
+    cores = {(w.core_x0, w.core_y0) for w in planned.windows}
+    assert (448, 448) in cores  # the pale strip's core is kept
+    assert max(x for x, _ in cores) < 600 and 0.2 < planned.row["tissue_fraction"] < 0.45
