@@ -124,6 +124,7 @@ def bench_masks(
     features_s)``). Raises AssertionError if any RLE string differs between
     the reference and the pipeline.
     """
+    masks.compile_kernels()  # as a replica does at start-up
     results = []
     for size, count in cases:
         probs, boxes = synthetic_detections(size, count, device=device)

@@ -509,3 +509,15 @@ def encode_crops(
         for name, values in features.intensity_features(runs, n, pixels).items():
             columns[name] = list(values)
     return columns
+
+
+def compile_kernels() -> None:
+    """Compile, or load from Numba's on-disk cache, the feature kernels for the usual pixel types.
+
+    Encodes one small mask with 8-bit, 16-bit and float32 pixels, so that a
+    replica pays the compilation (seconds the first time on a machine, about
+    0.2 s from the cache) at start-up rather than in its first image.
+    """
+    crop = Crop(np.ones((3, 3), bool), 1, 1)
+    for dtype in (np.uint8, np.uint16, np.float32):
+        encode_crops([crop], (5, 5), np.zeros((5, 5, 1), dtype))

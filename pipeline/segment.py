@@ -348,6 +348,9 @@ class ShardWorker:
         import torch
 
         import pipeline.worker  # noqa: F401 - the slow imports, done while the model is being loaded
+        from pipeline.masks import compile_kernels
+
+        compile_kernels()  # also while the model is being loaded
 
         gpu_ids = ray.get_gpu_ids()
         self.note = None

@@ -95,3 +95,28 @@ def test_circularity_uses_the_regionprops_perimeter_about_one_for_a_disc():
         assert circularity == pytest.approx(4 * math.pi * area / reference.perimeter**2, rel=1e-12)
     assert 0.85 < columns["circularity"][0] < 1.0
     assert columns["circularity"][1] < 0.2
+
+
+@pytest.mark.parametrize(
+    "make_pixels",
+    [
+        lambda rng: rng.integers(-3000, 3000, (50, 60, 4)).astype(np.int16)[:, :, ::2],  # a strided view
+        lambda rng: rng.normal(0, 1, (60, 50, 1)).astype(np.float64).transpose(1, 0, 2),  # column-major
+        lambda rng: rng.random((50, 60, 1)) < 0.5,  # a binary image
+    ],
+    ids=["int16 strided", "float64 transposed", "bool"],
+)
+def test_intensity_of_any_dtype_and_memory_layout(make_pixels):
+    rng = np.random.default_rng(7)
+    pixels = make_pixels(rng)
+    crops = random_crops(rng, pixels.shape[:2], 12)
+    columns = encode_crops(crops, pixels.shape[:2], pixels)
+    for i, crop in enumerate(crops):
+        inside = np.zeros(pixels.shape[:2], bool)
+        h, w = crop.mask.shape
+        inside[crop.y0 : crop.y0 + h, crop.x0 : crop.x0 + w] = crop.mask
+        values = pixels[inside].astype(np.float64)
+        np.testing.assert_allclose(columns["intensity_mean"][i], values.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(columns["intensity_std"][i], values.std(axis=0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(columns["intensity_min"][i], values.min(axis=0))
+        np.testing.assert_array_equal(columns["intensity_max"][i], values.max(axis=0))
