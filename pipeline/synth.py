@@ -27,6 +27,9 @@ What a tile holds (each range is per tile unless said):
   truth is each nucleus's *visible* region (one owner per pixel, later nuclei
   on top); a nucleus hidden by more than a third is left out of the tile
   altogether, so no fragment is ever drawn or annotated;
+* out-of-focus light: a halo around the nuclei, as a wide-field microscope
+  shows (a blurred copy of their emission, a tenth to a half of it, sigma 2
+  to 10 px), which belongs to no nucleus;
 * things that are not nuclei: small bright specks, thin fibres, faint
   out-of-focus blobs; a tenth of the tiles hold nothing else (background
   only: after per-tile normalisation their specks are the brightest thing,
@@ -94,6 +97,11 @@ class Appearance:
     file_types: tuple[str, ...] = FILE_TYPES
     low_range_max: tuple[float, float] = (150.0, 4095.0)
     """Brightest pixel value of a low-range 16-bit tile (log-uniform)."""
+    halo: tuple[float, float] = (0.1, 0.5)
+    """Out-of-focus light around the nuclei (a wide-field microscope's): a blurred copy of the
+    nuclei's emission added at this fraction; not part of any nucleus."""
+    halo_sigma: tuple[float, float] = (2.0, 10.0)
+    """Width of that halo, Gaussian sigma in px (log-uniform)."""
 
 
 TRAINING = Appearance()
@@ -355,6 +363,15 @@ def _nuclei_signal(rng: np.random.Generator, nuclei: list[Nucleus], owner: np.nd
     return np.where(owner > 0, owned, glow)
 
 
+def _with_halo(rng: np.random.Generator, signal: np.ndarray, look: Appearance) -> np.ndarray:
+    """``signal`` plus its out-of-focus halo (float32, same shape); ``rng`` is the halo's own stream,
+    so adding the halo changes nothing else of a tile."""
+    strength = rng.uniform(*look.halo)
+    if strength <= 0:
+        return signal
+    return signal + strength * cv2.GaussianBlur(signal, (0, 0), _log_uniform(rng, look.halo_sigma))
+
+
 def _debris(rng: np.random.Generator, size: int) -> np.ndarray:
     """Intensity (float32, size x size) of things that are not nuclei."""
     layer = np.zeros((size, size), np.float32)
@@ -453,7 +470,8 @@ def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appeara
     if np.random.default_rng([seed, slide, tile, 1]).random() < look.empty_fraction:
         placed = []  # a separate stream, so a tile with nuclei is the same whatever the fraction
     nuclei, owner = _resolve_occlusion(placed, size, size)
-    signal = _nuclei_signal(rng, nuclei, owner)
+    halo_rng = np.random.default_rng([seed, slide, tile, 2])
+    signal = _with_halo(halo_rng, _nuclei_signal(rng, nuclei, owner), look)
 
     pixels = _camera(rng, style, signal, size, size)
     return Tile(pixels, owner, [1] * len(nuclei), style.file_type)
@@ -567,7 +585,8 @@ def render_slide(seed: int, slide: int, size: int = 3072, look: Appearance = TRA
         for i in picks
     ]
     nuclei, owner = _resolve_occlusion(nuclei, size, size)
-    signal = _nuclei_signal(rng, nuclei, owner)
+    halo_rng = np.random.default_rng([seed, slide, 2])
+    signal = _with_halo(halo_rng, _nuclei_signal(rng, nuclei, owner), look)
     pixels = _camera(rng, style, signal, size, size, field_cells=max(3, size // 1024 * 3))
     return SyntheticSlide(pixels, owner, tissue)
 

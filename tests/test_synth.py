@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from functools import partial
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -105,6 +106,26 @@ def test_some_training_tiles_are_background_only_and_the_others_do_not_depend_on
         same = render_tile(5, 0, tile, 96, none_empty)
         assert np.array_equal(drawn.pixels, same.pixels) and np.array_equal(drawn.instances, same.instances)
     assert 1 <= empty <= 12  # about TRAINING.empty_fraction of 40
+
+
+def _ring_contrast(pixels: np.ndarray, instances: np.ndarray) -> float:
+    """Mean of the 4 px ring around the nuclei over the nuclei's mean, both above the far background."""
+    nuclei = (instances > 0).astype(np.uint8)
+    ring = cv2.dilate(nuclei, np.ones((9, 9), np.uint8)).astype(bool) & ~nuclei.astype(bool)
+    far = ~cv2.dilate(nuclei, np.ones((41, 41), np.uint8)).astype(bool)
+    grey = pixels.astype(np.float64).reshape(*instances.shape, -1).mean(axis=2)
+    return (grey[ring].mean() - grey[far].mean()) / (grey[nuclei.astype(bool)].mean() - grey[far].mean())
+
+
+def test_the_out_of_focus_halo_brightens_the_ring_around_nuclei_and_belongs_to_none():
+    clean = {"snr": (1000.0, 1000.0), "read_noise": (0.0, 0.0), "unevenness": (0.0, 0.0)}
+    without = replace(TRAINING, halo=(0.0, 0.0), empty_fraction=0.0, **clean)
+    strong = replace(without, halo=(0.3, 0.3), halo_sigma=(6.0, 6.0))
+    for tile in range(6):
+        plain, haloed = render_tile(9, 0, tile, 128, without), render_tile(9, 0, tile, 128, strong)
+        assert np.array_equal(plain.instances, haloed.instances) and plain.labels == haloed.labels
+        rise = _ring_contrast(haloed.pixels, haloed.instances) - _ring_contrast(plain.pixels, plain.instances)
+        assert rise > 0.02, (tile, rise)
 
 
 def test_synth_command_writes_background_only_archives_and_refuses_a_bad_fraction(tmp_path):
