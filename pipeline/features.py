@@ -29,7 +29,7 @@ whole-array NumPy, the convex areas, perimeters and intensities with small
 Numba kernels (one pass over the runs, O(mask area); ``jobs.bench masks``
 measured the NumPy/Shapely versions of these three at 0.7x the rest of the
 encoding, the kernels at a few percent). The kernels are compiled on first
-use and cached on disk beside this file.
+use and cached on disk (see :func:`compiled`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,21 @@ _CODE_WEIGHT[[5, 7, 15, 17, 25, 27]] = 1
 _CODE_WEIGHT[[21, 33]] = math.sqrt(2)
 _CODE_WEIGHT[[13, 23]] = (1 + math.sqrt(2)) / 2
 """skimage.measure.perimeter (4-neighbourhood): a boundary pixel's weight by its neighbours' code."""
+
+
+def compiled(function):
+    """``function`` compiled by Numba (``nogil``), cached on disk where a cache location is writable.
+
+    Numba caches beside the module or in the user's cache folder
+    (``NUMBA_CACHE_DIR`` overrides); where neither can be written (a
+    read-only install without a home folder) it refuses to cache, and the
+    kernel is then compiled once per process instead.
+    """
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)
+
 
 SHAPE_FEATURES = (
     "axis_major_length",
@@ -126,7 +141,7 @@ def moment_features(runs: ColumnRuns, n: int, origin: np.ndarray) -> dict[str, n
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _hull_chain(xs, ys, count, sign, chain):  # pragma: no cover - compiled
     """Andrew's monotone chain over points (xs, ys)[:count], x increasing: writes the point indices
     of the chain of least (sign 1) or greatest (sign -1) y into ``chain``, from the first point to
@@ -143,7 +158,7 @@ def _hull_chain(xs, ys, count, sign, chain):  # pragma: no cover - compiled
         size += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _convex_areas_kernel(owner, column, row, length, n):  # pragma: no cover - compiled
     area_convex = np.zeros(n, np.int64)
     slots = 3 * len(owner) + 3
@@ -208,7 +223,7 @@ def convex_areas(runs: ColumnRuns, n: int) -> np.ndarray:
     return _convex_areas_kernel(runs.owner, runs.column, runs.row, runs.length, n)
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _perimeters_kernel(canvas, owner, canvas_row, canvas_col, length, n, code_weight):  # pragma: no cover
     # Pass 1: boundary pixels (a 4-neighbour is outside). Pass 2: weight each by its boundary neighbours.
     border = np.zeros_like(canvas)
@@ -254,7 +269,7 @@ def shape_features(
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _intensity_kernel(owner, column, row, length, n, pixels):  # pragma: no cover - compiled
     channels = pixels.shape[2]
     area = np.zeros(n)

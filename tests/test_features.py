@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import cv2
+import numba
 import numpy as np
 import pytest
 from skimage.measure import regionprops
 
+from pipeline.features import compiled
 from pipeline.masks import Crop, encode_crops
 
 SHAPE = ("axis_major_length", "axis_minor_length", "eccentricity", "orientation", "solidity")
@@ -120,3 +122,12 @@ def test_intensity_of_any_dtype_and_memory_layout(make_pixels):
         np.testing.assert_allclose(columns["intensity_std"][i], values.std(axis=0), rtol=1e-9, atol=1e-12)
         np.testing.assert_array_equal(columns["intensity_min"][i], values.min(axis=0))
         np.testing.assert_array_equal(columns["intensity_max"][i], values.max(axis=0))
+
+
+def test_a_kernel_compiles_where_numba_cannot_cache_it():
+    namespace = {}
+    exec("def twice(values):\n    return values * 2\n", namespace)  # no source file: no cache location
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        numba.njit(cache=True)(namespace["twice"])
+    kernel = compiled(namespace["twice"])
+    np.testing.assert_array_equal(kernel(np.arange(3)), [0, 2, 4])
