@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,6 +13,7 @@ import torch
 from pipeline.decode import RawImage, read_and_decode
 from pipeline.preprocess import Preprocessing, model_input
 from pipeline.synth import write_slide
+from tests.conftest import REPO
 
 
 def prepared_tensor(uri: str, preprocessing: Preprocessing) -> torch.Tensor:
@@ -40,3 +43,10 @@ def painted_slide(
     pixels = np.clip(np.stack([grey * 0.3, grey * 0.2, grey], axis=2), 0, 255).astype(np.uint8)
     write_slide(path, pixels, compression=compression)
     return labels
+
+
+def run_job(module: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in the repository, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )

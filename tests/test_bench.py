@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import run_job
 
 
 def bench(*args: str, timeout: int) -> subprocess.CompletedProcess:
     """``python -m jobs.bench ARGS`` in the repository, output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.bench", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
-    )
+    return run_job("jobs.bench", *args, timeout=timeout)
 
 
 def test_masks_benchmark_json_has_the_keys_and_checks_rle():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pyarrow as pa
 import pytest
@@ -12,7 +10,7 @@ import pytest
 from pipeline import commit
 from pipeline.evaluate import evaluate, sweep
 from schemas import IMAGES, instances_schema
-from tests.conftest import REPO
+from tests.helpers import run_job
 
 
 def write_run_from_ground_truth(archive, dest, drop_every: int | None = None, score_threshold: float = 0.0):
@@ -117,26 +115,13 @@ def test_sweep_below_the_runs_own_score_threshold_is_refused(archive, tmp_path):
 
 def test_evaluate_job_json_and_sweep_plot(archive, tmp_path):
     write_run_from_ground_truth(archive, tmp_path / "perfect")
-    base = [
-        sys.executable,
-        "-m",
-        "jobs.evaluate",
-        str(tmp_path / "perfect"),
-        "--annotations",
-        str(archive / "annotations.json"),
-    ]
-    result = subprocess.run([*base, "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    base = ["jobs.evaluate", str(tmp_path / "perfect"), "--annotations", str(archive / "annotations.json")]
+    result = run_job(*base, "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
     assert scores["segm.AP50"] == pytest.approx(1.0) and "baseline.count.mae" in scores
     plot = tmp_path / "sweep.png"
-    result = subprocess.run(
-        [*base, "--sweep", "0.3:0.9:0.3", "--plot", str(plot)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    result = run_job(*base, "--sweep", "0.3:0.9:0.3", "--plot", str(plot), timeout=300)
     assert result.returncode == 0, result.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "precision" in result.stdout

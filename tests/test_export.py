@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -16,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline.export import coco_results, write_geojson
-from tests.conftest import REPO
+from tests.helpers import run_job
 
 
 def as_ground_truth(dest, images: list[dict]) -> COCO:
@@ -49,21 +47,8 @@ def as_ground_truth(dest, images: list[dict]) -> COCO:
 
 def test_coco_export_loads_and_scores_one_against_itself(segmented_run, tmp_path):
     output = tmp_path / "results.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.export",
-            str(segmented_run),
-            "--format",
-            "coco",
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    result = run_job(
+        "jobs.export", str(segmented_run), "--format", "coco", "--output", str(output), timeout=120
     )
     assert result.returncode == 0, result.stderr
     results = json.loads(output.read_text())
@@ -91,22 +76,15 @@ def test_geojson_is_qupath_shaped_and_every_geometry_valid(segmented_run, tmp_pa
     instances = pd.read_parquet(segmented_run / "instances")
     slide = instances["slide_id"].iloc[0]
     output = tmp_path / "slide.geojson"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.export",
-            str(segmented_run),
-            "--format",
-            "geojson",
-            "--slide",
-            slide,
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_job(
+        "jobs.export",
+        str(segmented_run),
+        "--format",
+        "geojson",
+        "--slide",
+        slide,
+        "--output",
+        str(output),
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -135,20 +113,7 @@ def test_geojson_is_qupath_shaped_and_every_geometry_valid(segmented_run, tmp_pa
 def test_geojson_of_an_unknown_slide_is_a_clear_error(segmented_run):
     with pytest.raises(ValueError, match="no slide 'nope'"):
         write_geojson(str(segmented_run), io.StringIO(), slide="nope")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.export",
-            str(segmented_run),
-            "--format",
-            "geojson",
-            "--output",
-            "x.geojson",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    result = run_job(
+        "jobs.export", str(segmented_run), "--format", "geojson", "--output", "x.geojson", timeout=120
     )
     assert result.returncode == 2 and "--slide or --image" in result.stderr

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pipeline import commit, lock
-from tests.conftest import REPO
+from tests.helpers import run_job
 
 
 def write_owner(dest, **fields):
@@ -64,13 +64,7 @@ def test_a_lock_taken_by_another_job_is_not_deleted_on_release(tmp_path):
 
 def test_the_segment_job_refuses_a_locked_dest_in_one_line(archive, tmp_path):
     write_owner(tmp_path / "run")
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.segment", str(archive), "--output", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = run_job("jobs.segment", str(archive), "--output", str(tmp_path / "run"), timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "being written by another job" in result.stderr

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import cv2
 import numpy as np
 import pandas as pd
@@ -12,20 +9,14 @@ from pycocotools import mask as mask_utils
 
 from pipeline.decode import read_and_decode
 from pipeline.render import FILL_ALPHA, contact_sheet, for_display, instance_colour
-from tests.conftest import REPO
+from tests.helpers import run_job
 
 
 def test_render_writes_the_tile_with_instance_colours(segmented_run, tmp_path):
     instances = pd.read_parquet(segmented_run / "instances")
     uri = instances["uri"].iloc[0]
     output = tmp_path / "qc.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.render", str(segmented_run), "--image", uri, "--output", str(output)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = run_job("jobs.render", str(segmented_run), "--image", uri, "--output", str(output), timeout=120)
     assert result.returncode == 0, result.stderr
     picture = cv2.cvtColor(cv2.imread(str(output)), cv2.COLOR_BGR2RGB)
     original = for_display(read_and_decode(uri, max_pixels=10**8))
@@ -57,25 +48,18 @@ def test_contact_sheet_and_histogram(segmented_run, tmp_path):
     assert sheet.shape == (2 * (64 + 16), 2 * 64, 3)
     histogram = tmp_path / "hist.png"
     output = tmp_path / "sheet.png"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.render",
-            str(segmented_run),
-            "--slide",
-            slide,
-            "--output",
-            str(output),
-            "--labels",
-            "--histogram",
-            str(histogram),
-            "--feature",
-            "intensity_mean[0]",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_job(
+        "jobs.render",
+        str(segmented_run),
+        "--slide",
+        slide,
+        "--output",
+        str(output),
+        "--labels",
+        "--histogram",
+        str(histogram),
+        "--feature",
+        "intensity_mean[0]",
         timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -28,7 +28,7 @@ from pipeline.model import resolve_model
 from pipeline.stats import per_slide
 from pipeline.synth import tile_paths
 from tests.conftest import REPO
-from tests.helpers import prepared_tensor
+from tests.helpers import prepared_tensor, run_job
 
 PLAIN = ["--shard-size", 4, "--batch-size", 1, "--overlap-suppression", 1, "--no-exclusive-pixels"]
 """Settings under which the rows must equal torchvision's own forward() (post-processing off)."""
@@ -241,9 +241,7 @@ def test_usage_errors_are_one_line_and_exit_2(args, message, archive, tmp_path):
     (tmp_path / "empty").mkdir()
     values = {"archive": archive, "tmp": tmp_path, "empty": tmp_path / "empty"}
     argv = [a.format(**values) for a in args]
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.segment", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
+    result = run_job("jobs.segment", *argv, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.stats import summarize
 from schemas import ADDED_IN_VERSION_2
+from tests.helpers import run_job
 
 
 @pytest.fixture
@@ -116,19 +117,8 @@ def test_features_give_per_slide_mean_and_median_per_channel(tables):
 
 
 def test_stats_features_on_a_real_run_and_a_clear_no_for_unknown_ones(segmented_run):
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     def stats(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "jobs.stats", str(segmented_run), *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        return run_job("jobs.stats", str(segmented_run), *args, timeout=120)
 
     ok = stats("--features", "solidity,eccentricity,intensity_mean[0]")
     assert ok.returncode == 0, ok.stderr

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from pipeline import storage
 from pipeline.decode import one_line
-from tests.conftest import REPO
+from tests.helpers import run_job
 
 SECRET = "wJalrXUtnFEMI-K7MDENG"
 
@@ -46,9 +43,7 @@ def test_error_lines_are_redacted():
 )
 def test_the_job_refuses_secret_uris_in_one_line_without_the_secret(args, archive, tmp_path):
     argv = [a.format(tmp=tmp_path, archive=archive) for a in args]
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.segment", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
+    result = run_job("jobs.segment", *argv, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert SECRET not in result.stderr + result.stdout

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
-from functools import partial
 
 import cv2
 import numpy as np
@@ -15,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pipeline.decode import decode_image
 from pipeline.slides import Slide
 from pipeline.synth import FILE_TYPES, MAX_HIDDEN_FRACTION, SHIFTS, TRAINING, render_tile, write_archive
-from tests.conftest import REPO
+from tests.helpers import run_job
 
 
 def test_ground_truth_round_trips_to_the_drawn_masks(tmp_path):
@@ -129,49 +126,24 @@ def test_the_out_of_focus_halo_brightens_the_ring_around_nuclei_and_belongs_to_n
 
 
 def test_synth_command_writes_background_only_archives_and_refuses_a_bad_fraction(tmp_path):
-    run = partial(subprocess.run, capture_output=True, text=True, cwd=REPO, timeout=120)
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.synth",
-            str(tmp_path / "a"),
-            "--slides",
-            "1",
-            "--tiles-per-slide",
-            "3",
-            "--size",
-            "64",
-            "--empty-fraction",
-            "1",
-        ]
+    done = run_job(
+        "jobs.synth",
+        str(tmp_path / "a"),
+        *("--slides", "1", "--tiles-per-slide", "3", "--size", "64", "--empty-fraction", "1"),
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     coco = json.loads((tmp_path / "a" / "annotations.json").read_text())
     assert len(coco["images"]) == 3 and coco["annotations"] == []
-    wrong = run([sys.executable, "-m", "jobs.synth", str(tmp_path / "b"), "--empty-fraction", "2"])
+    wrong = run_job("jobs.synth", str(tmp_path / "b"), "--empty-fraction", "2", timeout=120)
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
         "jobs.synth: error: --empty-fraction must be in [0, 1] (see --help)"
     ]
 
 
 def test_whole_slides_have_truth_in_level_0_coordinates(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.synth",
-            str(tmp_path),
-            "--whole-slides",
-            "--slides",
-            "1",
-            "--size",
-            "1024",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    result = run_job(
+        "jobs.synth", str(tmp_path), "--whole-slides", "--slides", "1", "--size", "1024", timeout=120
     )
     assert result.returncode == 0, result.stderr
     coco = json.loads((tmp_path / "annotations.json").read_text())
