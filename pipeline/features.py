@@ -28,7 +28,7 @@ made of), for all instances of an image together: the moments with
 whole-array NumPy, the convex areas, perimeters and intensities with small
 Numba kernels (one pass over the runs, O(mask area); ``jobs.bench masks``
 measured the NumPy/Shapely versions of these three at 0.7x the rest of the
-encoding, the kernels at a few percent). The kernels are compiled on first
+encoding; with the kernels all features together are 0.10-0.13x). The kernels are compiled on first
 use and cached on disk (see :func:`compiled`).
 """
 
