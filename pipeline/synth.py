@@ -30,6 +30,10 @@ What a tile holds (each range is per tile unless said):
 * out-of-focus light: a halo around the nuclei, as a wide-field microscope
   shows (a blurred copy of their emission, a tenth to a half of it, sigma 2
   to 10 px), which belongs to no nucleus;
+* cell bodies: in most tiles each nucleus sits off-centre in a faint cell
+  body (a DNA dye's cytoplasmic background, 2-20% of its nucleus's
+  brightness, 1.3-2.2 times its size), a dim crescent beside the nucleus
+  that is not a nucleus (real wide-field images are full of them);
 * things that are not nuclei: small bright specks, thin fibres, faint
   out-of-focus blobs; a tenth of the tiles hold nothing else (background
   only: after per-tile normalisation their specks are the brightest thing,
@@ -102,6 +106,12 @@ class Appearance:
     nuclei's emission added at this fraction; not part of any nucleus."""
     halo_sigma: tuple[float, float] = (2.0, 10.0)
     """Width of that halo, Gaussian sigma in px (log-uniform)."""
+    cytoplasm: tuple[float, float] = (0.02, 0.2)
+    """Faint stain of each cell's body (a DNA dye's cytoplasmic background) as a fraction of its
+    nucleus's brightness (log-uniform per cell). The body is 1.3-2.2 times the nucleus and off its
+    centre, so it shows as a dim crescent on one side of the nucleus; it belongs to no nucleus."""
+    cytoplasm_fraction: float = 0.7
+    """Fraction of the tiles whose cells show that stain."""
 
 
 TRAINING = Appearance()
@@ -372,6 +382,37 @@ def _with_halo(rng: np.random.Generator, signal: np.ndarray, look: Appearance) -
     return signal + strength * cv2.GaussianBlur(signal, (0, 0), _log_uniform(rng, look.halo_sigma))
 
 
+def _with_cytoplasm(
+    rng: np.random.Generator, signal: np.ndarray, nuclei: list[Nucleus], look: Appearance
+) -> np.ndarray:
+    """``signal`` plus each nucleus's cell body (float32, same shape): a soft ellipse 1.3-2.2 times
+    the nucleus, its centre moved off the nucleus's so the part outside the nucleus is a crescent,
+    at a fraction :attr:`Appearance.cytoplasm` of the nucleus's brightness. ``rng`` is the
+    cytoplasm's own stream, so adding it changes nothing else of a tile."""
+    if not nuclei or rng.random() >= look.cytoplasm_fraction or look.cytoplasm[1] <= 0:
+        return signal
+    height, width = signal.shape
+    bodies = np.zeros_like(signal)
+    for n in nuclei:
+        scale, direction = rng.uniform(1.3, 2.2), rng.uniform(0, 2 * math.pi)
+        shift = rng.uniform(0.3, 0.9) * (scale - 1) * n.semi_minor
+        cell = replace(
+            n,
+            cx=n.cx + shift * math.cos(direction),
+            cy=n.cy + shift * math.sin(direction),
+            semi_major=n.semi_major * scale * rng.uniform(1.0, 1.3),
+            semi_minor=n.semi_minor * scale,
+            angle=rng.uniform(0, math.pi),
+        )
+        r, x0, y0 = _shape_field(cell, height, width, reach=1.6)
+        if r.size == 0:
+            continue
+        h, w = r.shape
+        level = n.brightness * _log_uniform(rng, look.cytoplasm)
+        bodies[y0 : y0 + h, x0 : x0 + w] += level / (1 + np.exp(np.minimum((r - 1) / 0.12, 50)))
+    return signal + bodies
+
+
 def _debris(rng: np.random.Generator, size: int) -> np.ndarray:
     """Intensity (float32, size x size) of things that are not nuclei."""
     layer = np.zeros((size, size), np.float32)
@@ -470,8 +511,9 @@ def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appeara
     if np.random.default_rng([seed, slide, tile, 1]).random() < look.empty_fraction:
         placed = []  # a separate stream, so a tile with nuclei is the same whatever the fraction
     nuclei, owner = _resolve_occlusion(placed, size, size)
-    halo_rng = np.random.default_rng([seed, slide, tile, 2])
-    signal = _with_halo(halo_rng, _nuclei_signal(rng, nuclei, owner), look)
+    cytoplasm_rng = np.random.default_rng([seed, slide, tile, 3])
+    signal = _with_cytoplasm(cytoplasm_rng, _nuclei_signal(rng, nuclei, owner), nuclei, look)
+    signal = _with_halo(np.random.default_rng([seed, slide, tile, 2]), signal, look)
 
     pixels = _camera(rng, style, signal, size, size)
     return Tile(pixels, owner, [1] * len(nuclei), style.file_type)
@@ -585,8 +627,9 @@ def render_slide(seed: int, slide: int, size: int = 3072, look: Appearance = TRA
         for i in picks
     ]
     nuclei, owner = _resolve_occlusion(nuclei, size, size)
-    halo_rng = np.random.default_rng([seed, slide, 2])
-    signal = _with_halo(halo_rng, _nuclei_signal(rng, nuclei, owner), look)
+    cytoplasm_rng = np.random.default_rng([seed, slide, 3])
+    signal = _with_cytoplasm(cytoplasm_rng, _nuclei_signal(rng, nuclei, owner), nuclei, look)
+    signal = _with_halo(np.random.default_rng([seed, slide, 2]), signal, look)
     pixels = _camera(rng, style, signal, size, size, field_cells=max(3, size // 1024 * 3))
     return SyntheticSlide(pixels, owner, tissue)
 

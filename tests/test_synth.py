@@ -7,11 +7,23 @@ from dataclasses import replace
 
 import cv2
 import numpy as np
+import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.decode import decode_image
 from pipeline.slides import Slide
-from pipeline.synth import FILE_TYPES, MAX_HIDDEN_FRACTION, SHIFTS, TRAINING, render_tile, write_archive
+from pipeline.synth import (
+    FILE_TYPES,
+    MAX_HIDDEN_FRACTION,
+    SHIFTS,
+    TRAINING,
+    TileStyle,
+    _sample_nucleus,
+    _shape_mask,
+    _with_cytoplasm,
+    render_tile,
+    write_archive,
+)
 from tests.helpers import run_job
 
 
@@ -123,6 +135,39 @@ def test_the_out_of_focus_halo_brightens_the_ring_around_nuclei_and_belongs_to_n
         assert np.array_equal(plain.instances, haloed.instances) and plain.labels == haloed.labels
         rise = _ring_contrast(haloed.pixels, haloed.instances) - _ring_contrast(plain.pixels, plain.instances)
         assert rise > 0.02, (tile, rise)
+
+
+def test_cell_bodies_add_a_one_sided_glow_around_nuclei_and_belong_to_none():
+    clean = {"snr": (1000.0, 1000.0), "read_noise": (0.0, 0.0), "unevenness": (0.0, 0.0), "halo": (0.0, 0.0)}
+    without = replace(TRAINING, cytoplasm_fraction=0.0, empty_fraction=0.0, **clean)
+    stained = replace(without, cytoplasm_fraction=1.0, cytoplasm=(0.15, 0.15))
+    for tile in range(4):
+        plain, cells = render_tile(4, 0, tile, 128, without), render_tile(4, 0, tile, 128, stained)
+        assert np.array_equal(plain.instances, cells.instances) and plain.labels == cells.labels
+        rise = _ring_contrast(cells.pixels, cells.instances) - _ring_contrast(plain.pixels, plain.instances)
+        assert rise > 0.02, (tile, rise)
+
+
+def test_a_cell_body_is_a_crescent_beside_its_nucleus_at_the_drawn_fraction_of_its_brightness():
+    look = replace(TRAINING, cytoplasm_fraction=1.0, cytoplasm=(0.1, 0.1))
+    offsets = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        nucleus = _sample_nucleus(rng, look, TileStyle.draw(rng, look), 64.0, 64.0)
+        inside, x0, y0 = _shape_mask(nucleus, 128, 128)
+        mask = np.zeros((128, 128), bool)
+        mask[y0 : y0 + inside.shape[0], x0 : x0 + inside.shape[1]] = inside
+        body = _with_cytoplasm(np.random.default_rng(seed), np.zeros((128, 128), np.float32), [nucleus], look)
+        assert body.max() == pytest.approx(0.1 * nucleus.brightness, rel=0.05)
+        outside = np.where(mask, 0, body)
+        ys, xs = np.mgrid[:128, :128]
+        centre = np.array([np.average(ys, weights=outside), np.average(xs, weights=outside)])
+        radius = np.sqrt(mask.sum() / np.pi)
+        offsets.append(np.hypot(*(centre - np.argwhere(mask).mean(axis=0))) / radius)
+    assert np.median(offsets) > 0.2, offsets  # on one side, not a ring around the nucleus
+    unstained = replace(look, cytoplasm_fraction=0.0)
+    signal = np.ones((128, 128), np.float32)
+    assert _with_cytoplasm(np.random.default_rng(0), signal, [nucleus], unstained) is signal
 
 
 def test_synth_command_writes_background_only_archives_and_refuses_a_bad_fraction(tmp_path):
