@@ -2,7 +2,8 @@
 
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
-python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR] [--json]
+python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR]
+    [--cell-bodies F] [--json]
 python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
 python -m jobs.bench slide [--slides 2] [--size 4096] [--tile-size 1024] [--model M] [--device D] [--json]
 """
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     robust.add_argument("--size", type=int, default=256, help="tile side in px")
     robust.add_argument("--seed", type=int, default=0, help="archive seed (training used 100)")
     robust.add_argument("--real", type=Path, help="folder of real images with *_labels.* label images beside")
+    robust.add_argument(
+        "--cell-bodies",
+        type=float,
+        metavar="F",
+        help="every archive with cell bodies in this fraction of its tiles (jobs.synth --cell-bodies)",
+    )
     robust.add_argument("--json", action="store_true", help="one JSON object per archive")
     scale = sub.add_parser("scale", help="plan generated listings; resume scan of markers on S3 (no model)")
     scale.add_argument("--sizes", default="100000,1000000", help="images per generated listing")
@@ -128,6 +135,8 @@ def _robustness(parser, args) -> int:
     parser.require_positive(args, "slides", "tiles_per_slide", "size")
     if args.real is not None and not args.real.is_dir():
         parser.error(f"--real {args.real} is not a folder")
+    if args.cell_bodies is not None and not 0 <= args.cell_bodies <= 1:
+        parser.error("--cell-bodies must be in [0, 1]")
     import pandas as pd
 
     from pipeline.bench import bench_robustness
@@ -139,6 +148,7 @@ def _robustness(parser, args) -> int:
         size=args.size,
         seed=args.seed,
         real=args.real,
+        cell_bodies=args.cell_bodies,
     )
     if args.json:
         for row in rows:

@@ -1,7 +1,7 @@
 """Write a synthetic nuclei archive with COCO ground truth: tiles, or whole slides (SVS).
 
 python -m jobs.synth DEST --slides 4 --tiles-per-slide 16 --size 256 --seed 0 \
-    [--shift NAME] [--empty-fraction F]
+    [--shift NAME] [--empty-fraction F] [--cell-bodies F]
 python -m jobs.synth DEST --whole-slides --slides 2 [--size 3072] [--seed 0]
 """
 
@@ -37,20 +37,29 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help=f"fraction of tiles with no nucleus, background only (default {TRAINING.empty_fraction})",
     )
+    parser.add_argument(
+        "--cell-bodies",
+        type=float,
+        metavar="F",
+        help="fraction of tiles whose nuclei sit in a faint cell body, a dim crescent beside each "
+        f"(default {TRAINING.cytoplasm_fraction}: the bundled model was chosen without them)",
+    )
     args = parser.parse_args(argv)
     args.size = args.size or (3072 if args.whole_slides else 256)
     parser.require_positive(args, "slides", "tiles_per_slide", "size")
     if args.whole_slides:
-        if args.shift or args.empty_fraction is not None:
-            parser.error("--shift and --empty-fraction are for tile archives")
+        if args.shift or args.empty_fraction is not None or args.cell_bodies is not None:
+            parser.error("--shift, --empty-fraction and --cell-bodies are for tile archives")
         path = write_slide_archive(args.dest, slides=args.slides, size=args.size, seed=args.seed)
         print(f"wrote {args.slides} slides of {args.size}x{args.size} px and {path}")
         return 0
-    if args.empty_fraction is not None and not 0 <= args.empty_fraction <= 1:
-        parser.error("--empty-fraction must be in [0, 1]")
-    look = SHIFTS[args.shift] if args.shift else TRAINING
-    if args.empty_fraction is not None:
-        look = replace(look, empty_fraction=args.empty_fraction)
+    fractions = {"empty_fraction": args.empty_fraction, "cytoplasm_fraction": args.cell_bodies}
+    fractions = {name: value for name, value in fractions.items() if value is not None}
+    for name, value in fractions.items():
+        if not 0 <= value <= 1:
+            flag = "--empty-fraction" if name == "empty_fraction" else "--cell-bodies"
+            parser.error(f"{flag} must be in [0, 1]")
+    look = replace(SHIFTS[args.shift] if args.shift else TRAINING, **fractions)
     path = write_archive(
         args.dest,
         slides=args.slides,

@@ -391,6 +391,20 @@ def _ap(scores: dict[str, float], key: str, truth: int) -> float | None:
     return round(scores[key], 3) if truth else None
 
 
+def robustness_looks(cell_bodies: float | None = None) -> list[tuple[str, synth.Appearance]]:
+    """The robustness archives' names and looks: in-distribution (:data:`pipeline.synth.TRAINING`),
+    each shift, background-only; ``cell_bodies`` (if given) sets every look's
+    ``cytoplasm_fraction``."""
+    looks = [
+        ("in-distribution", synth.TRAINING),
+        *synth.SHIFTS.items(),
+        ("background-only", replace(synth.TRAINING, empty_fraction=1.0)),
+    ]
+    if cell_bodies is None:
+        return looks
+    return [(name, replace(look, cytoplasm_fraction=cell_bodies)) for name, look in looks]
+
+
 def bench_robustness(
     *,
     model: str | None = None,
@@ -400,6 +414,7 @@ def bench_robustness(
     seed: int = 0,
     real: Path | None = None,
     workdir: Path | None = None,
+    cell_bodies: float | None = None,
 ) -> list[dict[str, object]]:
     """Segment and score the in-distribution archive, every shifted archive, a background-only
     archive (no nucleus: its instances are all false) and ``real`` (if given).
@@ -408,7 +423,8 @@ def bench_robustness(
     differ), segmented by the segment job with the default settings, and
     scored by :func:`pipeline.evaluate.evaluate`. ``real`` is a folder of
     images with ``*_labels.*`` instance label images beside them
-    (:func:`pipeline.evaluate.label_images_to_coco`).
+    (:func:`pipeline.evaluate.label_images_to_coco`). ``cell_bodies``: the
+    fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`).
 
     Returns one dict per archive: ``archive``, ``images``, ``instances``,
     ``truth`` (ground-truth instances), ``AP50``, ``AP`` (mask), ``count_mae``,
@@ -421,12 +437,7 @@ def bench_robustness(
     root = Path(tempfile.mkdtemp(prefix="segpipe-robust-")) if own_tmp else Path(workdir)
     archives: list[tuple[str, Path, Path]] = []
     try:
-        looks = [
-            ("in-distribution", synth.TRAINING),
-            *synth.SHIFTS.items(),
-            ("background-only", replace(synth.TRAINING, empty_fraction=1.0)),
-        ]
-        for name, look in looks:
+        for name, look in robustness_looks(cell_bodies):
             folder = root / name
             coco = synth.write_archive(
                 folder, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=seed, look=look

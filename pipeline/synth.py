@@ -30,10 +30,11 @@ What a tile holds (each range is per tile unless said):
 * out-of-focus light: a halo around the nuclei, as a wide-field microscope
   shows (a blurred copy of their emission, a tenth to a half of it, sigma 2
   to 10 px), which belongs to no nucleus;
-* cell bodies: in most tiles each nucleus sits off-centre in a faint cell
-  body (a DNA dye's cytoplasmic background, 2-20% of its nucleus's
-  brightness, 1.3-2.2 times its size), a dim crescent beside the nucleus
-  that is not a nucleus (real wide-field images are full of them);
+* cell bodies, where asked (``Appearance.cytoplasm_fraction``, none by
+  default): each nucleus sits off-centre in a faint cell body (a DNA dye's
+  cytoplasmic background, 2-20% of its nucleus's brightness, 1.3-2.2 times
+  its size), a dim crescent beside the nucleus that is not a nucleus (real
+  wide-field images are full of them);
 * things that are not nuclei: small bright specks, thin fibres, faint
   out-of-focus blobs; a tenth of the tiles hold nothing else (background
   only: after per-tile normalisation their specks are the brightest thing,
@@ -110,8 +111,9 @@ class Appearance:
     """Faint stain of each cell's body (a DNA dye's cytoplasmic background) as a fraction of its
     nucleus's brightness (log-uniform per cell). The body is 1.3-2.2 times the nucleus and off its
     centre, so it shows as a dim crescent on one side of the nucleus; it belongs to no nucleus."""
-    cytoplasm_fraction: float = 0.7
-    """Fraction of the tiles whose cells show that stain."""
+    cytoplasm_fraction: float = 0.0
+    """Fraction of the tiles whose cells show that stain: none in :data:`TRAINING` (the bundled model's
+    look; a model fine-tuned with 0.7 was not kept, see README), ``jobs.synth --cell-bodies F``."""
 
 
 TRAINING = Appearance()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 
 import pytest
 
@@ -82,6 +83,22 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
     assert rows[-1]["truth"] == 3 and rows[-1]["images"] == 1
     # Three well-separated bright discs: the threshold baseline finds them exactly.
     assert rows[-1]["baseline_AP50"] == 1.0 and rows[-1]["baseline_count_mae"] == 0
+
+
+def test_robustness_archives_take_cell_bodies_where_asked_and_keep_their_shifts():
+    from pipeline.bench import robustness_looks
+    from pipeline.synth import SHIFTS, TRAINING
+
+    plain, cells = robustness_looks(), robustness_looks(0.7)
+    assert [n for n, _ in plain] == [n for n, _ in cells] == ["in-distribution", *SHIFTS, "background-only"]
+    assert plain[0][1] == TRAINING and TRAINING.cytoplasm_fraction == 0
+    for (name, look), (_, with_cells) in zip(plain, cells, strict=True):
+        assert with_cells.cytoplasm_fraction == 0.7
+        assert replace(with_cells, cytoplasm_fraction=look.cytoplasm_fraction) == look, name
+    wrong = bench("robustness", "--cell-bodies", "2", timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1].endswith(
+        "--cell-bodies must be in [0, 1] (see --help)"
+    )
 
 
 def test_scale_benchmark_plans_generated_listings_and_scans_markers():

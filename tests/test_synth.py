@@ -186,6 +186,34 @@ def test_synth_command_writes_background_only_archives_and_refuses_a_bad_fractio
     ]
 
 
+def test_synth_command_adds_cell_bodies_where_asked_and_leaves_the_truth_alone(tmp_path):
+    common = (
+        "--slides",
+        "1",
+        "--tiles-per-slide",
+        "4",
+        "--size",
+        "96",
+        "--empty-fraction",
+        "0",
+        "--seed",
+        "3",
+    )
+    for name, extra in (("plain", ()), ("cells", ("--cell-bodies", "1"))):
+        done = run_job("jobs.synth", str(tmp_path / name), *common, *extra, timeout=120)
+        assert done.returncode == 0, done.stderr
+    plain, cells = (json.loads((tmp_path / n / "annotations.json").read_text()) for n in ("plain", "cells"))
+    assert plain == cells
+    with_nuclei = {a["image_id"] for a in plain["annotations"]}
+    tiles = [image["file_name"] for image in plain["images"] if image["id"] in with_nuclei]
+    changed = [(tmp_path / "plain" / t).read_bytes() != (tmp_path / "cells" / t).read_bytes() for t in tiles]
+    assert len(tiles) >= 2 and all(changed), changed
+    wrong = run_job("jobs.synth", str(tmp_path / "b"), "--cell-bodies", "-0.5", timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        "jobs.synth: error: --cell-bodies must be in [0, 1] (see --help)"
+    ]
+
+
 def test_whole_slides_have_truth_in_level_0_coordinates(tmp_path):
     result = run_job(
         "jobs.synth", str(tmp_path), "--whole-slides", "--slides", "1", "--size", "1024", timeout=120
