@@ -126,25 +126,31 @@ def _ring_contrast(pixels: np.ndarray, instances: np.ndarray) -> float:
     return (grey[ring].mean() - grey[far].mean()) / (grey[nuclei.astype(bool)].mean() - grey[far].mean())
 
 
-def test_the_out_of_focus_halo_brightens_the_ring_around_nuclei_and_belongs_to_none():
-    clean = {"snr": (1000.0, 1000.0), "read_noise": (0.0, 0.0), "unevenness": (0.0, 0.0)}
-    without = replace(TRAINING, halo=(0.0, 0.0), empty_fraction=0.0, **clean)
-    strong = replace(without, halo=(0.3, 0.3), halo_sigma=(6.0, 6.0))
+_CLEAN = replace(
+    TRAINING,
+    snr=(1000.0, 1000.0),
+    read_noise=(0.0, 0.0),
+    unevenness=(0.0, 0.0),
+    empty_fraction=0.0,
+    halo=(0.0, 0.0),
+)
+
+
+@pytest.mark.parametrize(
+    "light",
+    [
+        pytest.param({"halo": (0.3, 0.3), "halo_sigma": (6.0, 6.0)}, id="out-of-focus halo"),
+        pytest.param({"cytoplasm_fraction": 1.0, "cytoplasm": (0.15, 0.15)}, id="cell bodies"),
+    ],
+)
+def test_light_around_the_nuclei_brightens_the_ring_around_them_and_belongs_to_none(light):
     for tile in range(6):
-        plain, haloed = render_tile(9, 0, tile, 128, without), render_tile(9, 0, tile, 128, strong)
-        assert np.array_equal(plain.instances, haloed.instances) and plain.labels == haloed.labels
-        rise = _ring_contrast(haloed.pixels, haloed.instances) - _ring_contrast(plain.pixels, plain.instances)
-        assert rise > 0.02, (tile, rise)
-
-
-def test_cell_bodies_add_a_one_sided_glow_around_nuclei_and_belong_to_none():
-    clean = {"snr": (1000.0, 1000.0), "read_noise": (0.0, 0.0), "unevenness": (0.0, 0.0), "halo": (0.0, 0.0)}
-    without = replace(TRAINING, cytoplasm_fraction=0.0, empty_fraction=0.0, **clean)
-    stained = replace(without, cytoplasm_fraction=1.0, cytoplasm=(0.15, 0.15))
-    for tile in range(4):
-        plain, cells = render_tile(4, 0, tile, 128, without), render_tile(4, 0, tile, 128, stained)
-        assert np.array_equal(plain.instances, cells.instances) and plain.labels == cells.labels
-        rise = _ring_contrast(cells.pixels, cells.instances) - _ring_contrast(plain.pixels, plain.instances)
+        plain, lit = (
+            render_tile(9, 0, tile, 128, _CLEAN),
+            render_tile(9, 0, tile, 128, replace(_CLEAN, **light)),
+        )
+        assert np.array_equal(plain.instances, lit.instances) and plain.labels == lit.labels
+        rise = _ring_contrast(lit.pixels, lit.instances) - _ring_contrast(plain.pixels, plain.instances)
         assert rise > 0.02, (tile, rise)
 
 
