@@ -25,6 +25,13 @@ class ArgumentParser(argparse.ArgumentParser):
             if getattr(args, name) < 1:
                 self.error(f"--{name.replace('_', '-')} must be at least 1")
 
+    def require_fraction(self, args: argparse.Namespace, *names: str) -> None:
+        """A usage error for the first of ``names`` (attribute names) given outside [0, 1]."""
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not 0 <= value <= 1:
+                self.error(f"--{name.replace('_', '-')} must be in [0, 1]")
+
 
 def fail_usage(prog: str, message: str) -> int:
     """Print ``message`` as a one-line usage error and return the usage exit code."""

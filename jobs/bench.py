@@ -135,8 +135,7 @@ def _robustness(parser, args) -> int:
     parser.require_positive(args, "slides", "tiles_per_slide", "size")
     if args.real is not None and not args.real.is_dir():
         parser.error(f"--real {args.real} is not a folder")
-    if args.cell_bodies is not None and not 0 <= args.cell_bodies <= 1:
-        parser.error("--cell-bodies must be in [0, 1]")
+    parser.require_fraction(args, "cell_bodies")
     import pandas as pd
 
     from pipeline.bench import bench_robustness

@@ -53,13 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         path = write_slide_archive(args.dest, slides=args.slides, size=args.size, seed=args.seed)
         print(f"wrote {args.slides} slides of {args.size}x{args.size} px and {path}")
         return 0
+    parser.require_fraction(args, "empty_fraction", "cell_bodies")
     fractions = {"empty_fraction": args.empty_fraction, "cytoplasm_fraction": args.cell_bodies}
-    fractions = {name: value for name, value in fractions.items() if value is not None}
-    for name, value in fractions.items():
-        if not 0 <= value <= 1:
-            flag = "--empty-fraction" if name == "empty_fraction" else "--cell-bodies"
-            parser.error(f"{flag} must be in [0, 1]")
-    look = replace(SHIFTS[args.shift] if args.shift else TRAINING, **fractions)
+    look = replace(
+        SHIFTS[args.shift] if args.shift else TRAINING,
+        **{name: value for name, value in fractions.items() if value is not None},
+    )
     path = write_archive(
         args.dest,
         slides=args.slides,
