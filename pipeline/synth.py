@@ -415,6 +415,21 @@ def _with_cytoplasm(
     return signal + bodies
 
 
+def _emitted_light(
+    rng: np.random.Generator,
+    nuclei: list[Nucleus],
+    owner: np.ndarray,
+    look: Appearance,
+    stream: tuple[int, ...],
+) -> np.ndarray:
+    """All light the sample emits (float32, like ``owner``): the nuclei (drawn from ``rng``), their
+    cell bodies and their out-of-focus halo, each of these two from its own random stream
+    (``stream`` + 3 and + 2), so that turning either on or off changes nothing else."""
+    signal = _nuclei_signal(rng, nuclei, owner)
+    signal = _with_cytoplasm(np.random.default_rng([*stream, 3]), signal, nuclei, look)
+    return _with_halo(np.random.default_rng([*stream, 2]), signal, look)
+
+
 def _debris(rng: np.random.Generator, size: int) -> np.ndarray:
     """Intensity (float32, size x size) of things that are not nuclei."""
     layer = np.zeros((size, size), np.float32)
@@ -513,9 +528,7 @@ def render_tile(seed: int, slide: int, tile: int, size: int = 256, look: Appeara
     if np.random.default_rng([seed, slide, tile, 1]).random() < look.empty_fraction:
         placed = []  # a separate stream, so a tile with nuclei is the same whatever the fraction
     nuclei, owner = _resolve_occlusion(placed, size, size)
-    cytoplasm_rng = np.random.default_rng([seed, slide, tile, 3])
-    signal = _with_cytoplasm(cytoplasm_rng, _nuclei_signal(rng, nuclei, owner), nuclei, look)
-    signal = _with_halo(np.random.default_rng([seed, slide, tile, 2]), signal, look)
+    signal = _emitted_light(rng, nuclei, owner, look, stream=(seed, slide, tile))
 
     pixels = _camera(rng, style, signal, size, size)
     return Tile(pixels, owner, [1] * len(nuclei), style.file_type)
@@ -629,9 +642,7 @@ def render_slide(seed: int, slide: int, size: int = 3072, look: Appearance = TRA
         for i in picks
     ]
     nuclei, owner = _resolve_occlusion(nuclei, size, size)
-    cytoplasm_rng = np.random.default_rng([seed, slide, 3])
-    signal = _with_cytoplasm(cytoplasm_rng, _nuclei_signal(rng, nuclei, owner), nuclei, look)
-    signal = _with_halo(np.random.default_rng([seed, slide, 2]), signal, look)
+    signal = _emitted_light(rng, nuclei, owner, look, stream=(seed, slide))
     pixels = _camera(rng, style, signal, size, size, field_cells=max(3, size // 1024 * 3))
     return SyntheticSlide(pixels, owner, tissue)
 
