@@ -33,6 +33,23 @@ class ArgumentParser(argparse.ArgumentParser):
                 self.error(f"--{name.replace('_', '-')} must be in [0, 1]")
 
 
+MAX_SCALE = 8.0
+
+
+def scale_factor(text: str) -> float | str:
+    """The value of a ``--scale`` flag: ``auto`` or a factor in (0, :data:`MAX_SCALE`]."""
+    problem = f"must be auto or a factor in (0, {MAX_SCALE:g}], got {text!r}"
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(problem) from None
+    if not 0 < value <= MAX_SCALE:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def fail_usage(prog: str, message: str) -> int:
     """Print ``message`` as a one-line usage error and return the usage exit code."""
     first_line = str(message).strip().splitlines()[0] if str(message).strip() else "error"

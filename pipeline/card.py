@@ -43,6 +43,10 @@ class ModelCard:
         score_threshold, mask_threshold, max_detections: default thresholds.
         largest_object_px: the largest object the model is meant to find, in
             input pixels; the default window overlap on whole slides.
+        object_diameter_px: equivalent-circle diameters (px) of the objects it
+            was trained on, 2nd to 98th percentile of its training annotations;
+            ``--scale auto`` enlarges images whose objects are much smaller
+            (None: unknown, images stay as they are).
         mpp: µm per pixel of the images the model was made for; whole slides
             that state their pixel size are read at it by default (None:
             level 0 as it is).
@@ -60,6 +64,7 @@ class ModelCard:
     mask_threshold: float = 0.5
     max_detections: int = 500
     largest_object_px: int = 64
+    object_diameter_px: tuple[float, float] | None = None
     mpp: float | None = None
     preprocessing: Preprocessing = preprocess.LEGACY
     training: dict[str, Any] = field(default_factory=dict)
@@ -76,8 +81,8 @@ class ModelCard:
         if unknown:
             raise ModelLoadError(f"model card has unknown keys {sorted(unknown)}")
         data = dict(data)
-        for key in ("classes", "image_mean", "image_std"):
-            if key in data:
+        for key in ("classes", "image_mean", "image_std", "object_diameter_px"):
+            if data.get(key) is not None:
                 data[key] = tuple(data[key])
         if "preprocessing" in data:
             try:
@@ -111,5 +116,9 @@ class InferenceSettings:
     None: whole, whatever its size (runs made before whole-slide support)."""
     tile_overlap: int = 0
     """Pixels shared by those windows (even)."""
+    scale: float | str = 1.0
+    """Factor plain images (and their windows) are resampled by before the model, or ``"auto"``
+    (per image, :func:`pipeline.infer.automatic_scale`, from the card's ``object_diameter_px``);
+    slide windows are read at ``--mpp`` and never resampled here."""
     schema_version: str = SCHEMA_VERSION
     """The table schema version of the run (a run resumed keeps the version it started with)."""

@@ -99,6 +99,9 @@ class PinnedSettings:
     """The input channel the model sees (index or name); None: the model card's."""
     pixel_size_um: float | None = None
     """µm per pixel of every image; None: each file's own (OME-TIFF, TIFF resolution), else unknown."""
+    scale: float | str = "auto"
+    """Factor plain images are resampled by before the model, or ``auto`` (per image, from the model
+    card's object diameters); runs made before it had none and resume at 1."""
     tile_size: int | None = DEFAULT_TILE_SIZE
     """Window side (px the model sees) on whole slides and on plain images larger than it; None (runs
     made before whole-slide support): plain images whole."""
@@ -240,6 +243,13 @@ def _load_model(spec: str | None, weights: str | None):
     return (loaded.card.to_dict(), loaded.fingerprint), state
 
 
+def pinned_from_run_json(settings: dict[str, Any]) -> PinnedSettings:
+    """The settings a run.json pins. A setting added since the run was made takes the value that
+    reproduces it: runs made before whole-slide support segmented plain images whole (no
+    ``tile_size``), runs made before ``--scale`` at native size (1)."""
+    return PinnedSettings(**{"tile_size": None, "scale": 1.0, **settings})
+
+
 def _resolved_thresholds(pinned: PinnedSettings, card: ModelCard) -> PinnedSettings:
     return PinnedSettings(
         **{
@@ -305,8 +315,7 @@ def reopen(dest: str, overrides: dict[str, Any]) -> tuple[PinnedSettings, dict[s
     if not storage.exists(_run_json_uri(dest)):
         raise RunError(f"no run to resume at {storage.redact(dest)} (run.json not found)")
     run_json = commit.read_json(_run_json_uri(dest))
-    # A run made before whole-slide support segmented every plain image whole: its resume does too.
-    pinned = PinnedSettings(**{"tile_size": None, **run_json["settings"]})
+    pinned = pinned_from_run_json(run_json["settings"])
     different = {
         k: (getattr(pinned, k), v) for k, v in overrides.items() if v is not None and getattr(pinned, k) != v
     }
@@ -565,6 +574,7 @@ def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_siz
         overlap_threshold=pinned.overlap_threshold,
         exclusive_pixels=pinned.exclusive_pixels,
         pixel_size_um=pinned.pixel_size_um,
+        scale=pinned.scale,
         slide_mpp_override=pinned.mpp_override,
         tile_size=pinned.tile_size,
         tile_overlap=pinned.tile_overlap or 0,

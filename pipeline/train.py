@@ -102,6 +102,10 @@ class CocoTiles:
     def __len__(self) -> int:
         return len(self.images)
 
+    def object_diameter_px(self) -> tuple[float, float] | None:
+        """The card's ``object_diameter_px``: :func:`diameter_range` of the annotations' areas."""
+        return diameter_range([a["area"] for anns in self.annotations.values() for a in anns])
+
     def model_input(self, index: int) -> np.ndarray:
         """Image ``index`` as the model sees it before augmentation: float32 (H, W, C), C 1 or 3."""
         path = self.root / self.images[index]["file_name"]
@@ -131,6 +135,16 @@ class CocoTiles:
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return tensor.expand(3, -1, -1), target
+
+
+def diameter_range(areas) -> tuple[float, float] | None:
+    """2nd and 98th percentiles (px, to 0.1) of the equivalent-circle diameters of objects of these
+    areas (px²): the objects' size range without the few cut by a tile's edge; None if no object."""
+    areas = np.asarray(areas, dtype=np.float64)
+    if not len(areas):
+        return None
+    low, high = np.percentile(2 * np.sqrt(areas / np.pi), [2, 98])
+    return round(float(low), 1), round(float(high), 1)
 
 
 def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +325,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
 
     card = replace(
         card,
+        object_diameter_px=dataset.object_diameter_px(),
         training={
             **asdict(config),
             "seconds_this_session": round(time.monotonic() - started, 1),

@@ -35,7 +35,7 @@ from pipeline.card import InferenceSettings, ModelCard
 from pipeline.columns import InstanceColumns
 from pipeline.concurrency import bounded_map
 from pipeline.decode import DecodeError, RawImage, one_line
-from pipeline.infer import Detections, autocast_dtype, detect
+from pipeline.infer import Detections, autocast_dtype, automatic_scale, detect
 from pipeline.inputs import Input, InputReader
 from pipeline.model import build_model, configure
 from pipeline.preprocess import Intensity, PreprocessingError, model_input
@@ -120,8 +120,9 @@ class ShardProcessor:
         except PreprocessingError as exc:
             return DecodeError("unsupported", one_line(exc))
 
-    def infer(self, arrays: list[np.ndarray]) -> list[Detections | DecodeError]:
-        """Detections per image of a same-size batch of model inputs (C, H, W).
+    def infer(self, arrays: list[np.ndarray], scale: float = 1.0) -> list[Detections | DecodeError]:
+        """Detections per image of a same-size batch of model inputs (C, H, W), resampled by ``scale``
+        before the network (boxes in the inputs' own pixels).
 
         If the batch raises, each image is retried alone; an image that still
         raises gets a ``DecodeError("inference", ...)`` instead of detections.
@@ -130,11 +131,41 @@ class ShardProcessor:
         """
         with self._device_lock:
             try:
-                return list(detect(self.model, self.to_device(arrays), autocast=self.autocast))
+                return list(detect(self.model, self.to_device(arrays), autocast=self.autocast, scale=scale))
             except (RuntimeError, ValueError) as exc:
                 if len(arrays) == 1:
                     return [DecodeError("inference", one_line(exc))]
-        return [self.infer([a])[0] for a in arrays]
+        return [self.infer([a], scale)[0] for a in arrays]
+
+    def infer_scaled(
+        self, arrays: list[np.ndarray], kinds: list[str]
+    ) -> tuple[list[Detections | DecodeError], list[float]]:
+        """:meth:`infer` at each input's scale: (detections, factors), in input order.
+
+        ``kinds``: per input, ``"image"`` (a plain image sent whole), ``"window"`` (a window of a
+        larger plain image) or ``"slide"`` (a slide's window, never resampled: ``--mpp`` chose its
+        resolution). A fixed ``settings.scale`` applies to images and their windows; ``"auto"``
+        runs everything at native size, then again, enlarged, the whole images whose objects
+        were small (:func:`pipeline.infer.automatic_scale`; windows stay native).
+        """
+        smallest = self.card.object_diameter_px[0] if self.card.object_diameter_px else None
+        if self.settings.scale == "auto":
+            results = self.infer(arrays)
+            factors = [
+                automatic_scale(found.diameters(self.settings.mask_threshold), smallest)
+                if kind == "image" and smallest and isinstance(found, Detections)
+                else 1.0
+                for kind, found in zip(kinds, results, strict=True)
+            ]
+        else:
+            results = [None] * len(arrays)
+            factors = [float(self.settings.scale) if kind != "slide" else 1.0 for kind in kinds]
+        for factor in sorted(set(factors)):
+            todo = [i for i, f in enumerate(factors) if f == factor and (results[i] is None or f != 1)]
+            if todo:
+                for i, found in zip(todo, self.infer([arrays[i] for i in todo], factor), strict=True):
+                    results[i] = found
+        return results, factors
 
     def _encode(
         self, row: dict, unit: Input, pieces: list[tuple[Window | None, Detections]]
@@ -244,10 +275,15 @@ class ShardProcessor:
 
         def run_batch(batch: list[tuple[dict, Input, Window | None, np.ndarray]]):
             t = time.perf_counter()
-            results = self.infer([array for *_, array in batch])
+            kinds = [
+                "slide" if found.window is not None else "window" if window is not None else "image"
+                for _, found, window, _ in batch
+            ]
+            results, factors = self.infer_scaled([array for *_, array in batch], kinds)
             timings["infer_s"] += time.perf_counter() - t
-            for (row, found, window, _), result in zip(batch, results, strict=True):
+            for (row, found, window, _), result, factor in zip(batch, results, factors, strict=True):
                 image_id = row["image_id"]
+                status[image_id]["scale"] = factor
                 if isinstance(result, DecodeError):
                     status[image_id].update(status=result.kind, error=result.message)
                     expected[image_id] = -1  # no encode for this image
@@ -321,6 +357,7 @@ class ShardProcessor:
                     **dropped,
                     "channels": info.get("channels"),
                     "pixel_size_um": info.get("pixel_size_um"),
+                    "scale": info.get("scale"),
                     **{k: row[k] for k in ("tile_x0", "tile_y0", "tile_downsample")},
                 }
             )

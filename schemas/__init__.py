@@ -3,6 +3,7 @@
 from schemas.tables import (
     ADDED_IN_VERSION_2,
     ADDED_IN_VERSION_3,
+    ADDED_IN_VERSION_4,
     IMAGE_STATUSES,
     IMAGES,
     INSTANCES,
@@ -20,6 +21,7 @@ from schemas.tables import (
 __all__ = [
     "ADDED_IN_VERSION_2",
     "ADDED_IN_VERSION_3",
+    "ADDED_IN_VERSION_4",
     "IMAGES",
     "IMAGE_STATUSES",
     "INSTANCES",

@@ -19,7 +19,8 @@ mask on the slide::
 Versions: 1 (segpipe 0.1) had no shape or intensity features, no µm columns
 and no ``images.channels`` / ``images.pixel_size_um``; version 2 adds them
 (:data:`ADDED_IN_VERSION_2`); version 3 adds whole-slide windows
-(:data:`ADDED_IN_VERSION_3`). Readers of older runs still read every column
+(:data:`ADDED_IN_VERSION_3`); version 4 adds ``images.scale``
+(:data:`ADDED_IN_VERSION_4`). Readers of older runs still read every column
 those have; asking for a feature of a version 1 run says so; a run resumes
 writing shards at the version it started with (:func:`at_version`).
 """
@@ -30,8 +31,8 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "3"
-READABLE_VERSIONS = ("1", "2", "3")
+SCHEMA_VERSION = "4"
+READABLE_VERSIONS = ("1", "2", "3", "4")
 """Schema versions the readers (stats, exports, evaluation, pictures) accept."""
 
 IMAGE_STATUSES = ("ok", "unreadable", "decode", "too_large", "unsupported", "inference")
@@ -163,6 +164,14 @@ IMAGES = _schema(
             pa.int32(),
             "instances kept that touch an inner edge of the window (larger than the overlap lets it "
             "see whole: their masks may be cut); 0 for a plain image",
+            True,
+        ),
+        _field(
+            "scale",
+            pa.float64(),
+            "factor the image was resampled by before the model (--scale; auto enlarges images whose "
+            "objects are small); masks, boxes and measurements are in the image's own pixels "
+            "whatever it is; 1 for a slide window (read at --mpp); null if not decoded",
             True,
         ),
     ],
@@ -331,6 +340,9 @@ ADDED_IN_VERSION_3 = frozenset(
 )
 """Columns of ``manifest``, ``images`` and ``instances`` that version 2 did not have."""
 
+ADDED_IN_VERSION_4 = frozenset({"scale"})
+"""Columns of ``images`` that version 3 did not have."""
+
 ADDED_IN_VERSION_2 = frozenset(
     {
         "axis_major_length",
@@ -365,7 +377,8 @@ def at_version(schema: pa.Schema, version: str) -> pa.Schema:
         return schema
     if version not in READABLE_VERSIONS:
         raise ValueError(f"unknown schema version {version!r}; known: {', '.join(READABLE_VERSIONS)}")
-    later = ADDED_IN_VERSION_3 | (ADDED_IN_VERSION_2 if version == "1" else frozenset())
+    added = {"2": ADDED_IN_VERSION_2, "3": ADDED_IN_VERSION_3, "4": ADDED_IN_VERSION_4}
+    later = frozenset().union(*(columns for since, columns in added.items() if int(since) > int(version)))
     kept = [f for f in schema if f.name not in later]
     return pa.schema(kept, metadata={**schema.metadata, b"segpipe.schema_version": version.encode()})
 

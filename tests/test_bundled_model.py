@@ -10,19 +10,34 @@ import torch
 from pycocotools import mask as mask_utils
 
 from pipeline import masks, preprocess
-from pipeline.infer import detect
+from pipeline.infer import automatic_scale, detect
 from pipeline.model import BUNDLED_MODEL, resolve_model
 from pipeline.preprocess import model_input
-from pipeline.synth import TRAINING, render_tile, tile_annotations
+from pipeline.synth import SHIFTS, TRAINING, render_tile, tile_annotations
 
 
-def detections(loaded, pixels: np.ndarray):
-    """The bundled model's non-empty instances on raw pixels (H, W[, C]), through its card's preprocessing."""
+def prepared(loaded, pixels: np.ndarray) -> torch.Tensor:
+    """Raw pixels (H, W[, C]) through the card's preprocessing: float (3, H, W)."""
     pixels = pixels if pixels.ndim == 3 else pixels[..., None]
-    prepared = torch.from_numpy(model_input(pixels, loaded.card.preprocessing)).expand(3, -1, -1)
-    found = detect(loaded.module, [prepared])[0]
+    return torch.from_numpy(model_input(pixels, loaded.card.preprocessing)).expand(3, -1, -1)
+
+
+def detections(loaded, pixels: np.ndarray, scale: float = 1.0):
+    """The bundled model's non-empty instances on raw pixels (H, W[, C]), through its card's preprocessing."""
+    found = detect(loaded.module, [prepared(loaded, pixels)], scale=scale)[0]
     encoded = masks.encode(found.mask_probs, found.boxes, pixels.shape[:2], loaded.card.mask_threshold)
     return encoded.filter(encoded["area"] > 0)
+
+
+def recall(loaded, tile, scale: float = 1.0) -> float:
+    """The fraction of the tile's nuclei that an instance covers with mask IoU >= 0.5."""
+    truth = [a["segmentation"] for a in tile_annotations(tile.instances, tile.labels)]
+    size = list(tile.instances.shape)
+    predicted = [{"size": size, "counts": r} for r in detections(loaded, tile.pixels, scale)["rle"]]
+    if not predicted:
+        return 0.0
+    iou = np.atleast_2d(mask_utils.iou(predicted, truth, [0] * len(truth)))
+    return float((iou.max(axis=0) >= 0.5).mean())
 
 
 def test_bundled_model_is_small_native_size_dense_ready_and_states_its_preprocessing():
@@ -32,19 +47,52 @@ def test_bundled_model_is_small_native_size_dense_ready_and_states_its_preproces
     assert loaded.card.input_size == "native"
     assert loaded.card.max_detections >= 300
     assert loaded.card.preprocessing == preprocess.DEFAULT
+    low, high = loaded.card.object_diameter_px
+    assert 6 <= low <= 10 and 40 <= high <= 55  # the generator's diameters: 8 to 50 px
 
 
 def test_bundled_model_finds_nuclei_on_a_fresh_tile():
     loaded = resolve_model(None)
-    recalls = []
-    for index in range(4):
-        tile = render_tile(seed=424242, slide=0, tile=index, size=256)
-        truth = [a["segmentation"] for a in tile_annotations(tile.instances, tile.labels)]
-        predicted = [{"size": [256, 256], "counts": r} for r in detections(loaded, tile.pixels)["rle"]]
-        iou = np.atleast_2d(mask_utils.iou(predicted, truth, [0] * len(truth)))
-        recalls.append(float((iou.max(axis=0) >= 0.5).mean()))
+    recalls = [recall(loaded, render_tile(seed=424242, slide=0, tile=index, size=256)) for index in range(4)]
     # The target on held-out tiles is mask AP50 >= 0.92; this floor only guards against a broken model.
     assert np.mean(recalls) >= 0.7, recalls
+
+
+def test_the_size_estimate_agrees_with_the_pasted_masks():
+    """:meth:`Detections.diameters` (no pasting) against the masks pasted box-locally."""
+    loaded = resolve_model(None)
+    tile = render_tile(seed=424242, slide=0, tile=1, size=256)
+    found = detect(loaded.module, [prepared(loaded, tile.pixels)])[0]
+    pasted = masks.encode(found.mask_probs, found.boxes, (256, 256), loaded.card.mask_threshold)["area"]
+    estimated = found.diameters(loaded.card.mask_threshold)
+    kept = pasted > 0
+    assert kept.sum() > 10
+    ratio = estimated[kept] / (2 * np.sqrt(pasted[kept] / np.pi))
+    assert abs(np.median(ratio) - 1) < 0.08 and np.percentile(np.abs(ratio - 1), 90) < 0.15
+
+
+def test_nuclei_smaller_than_any_trained_on_are_found_once_the_image_is_enlarged():
+    """The small shift (6.4-7.8 px across; the card's smallest is about 8): the automatic scale enlarges
+    every such tile and finds far more of its nuclei; tiles of the training sizes stay as they are."""
+    loaded = resolve_model(None)
+    smallest = loaded.card.object_diameter_px[0]
+    native, enlarged, factors = [], [], []
+    for index in range(4):
+        tile = render_tile(seed=424243, slide=0, tile=index, size=256, look=SHIFTS["small"])
+        first = detect(loaded.module, [prepared(loaded, tile.pixels)])[0]
+        factors.append(automatic_scale(first.diameters(loaded.card.mask_threshold), smallest))
+        native.append(recall(loaded, tile))
+        enlarged.append(recall(loaded, tile, factors[-1]))
+    assert min(factors) >= 1.5, factors
+    assert np.mean(enlarged) >= np.mean(native) + 0.15, (native, enlarged)
+    kept = []
+    for index in range(8):
+        tile = render_tile(seed=424242, slide=1, tile=index, size=256)
+        first = detect(loaded.module, [prepared(loaded, tile.pixels)])[0]
+        truth = [a["area"] for a in tile_annotations(tile.instances, tile.labels)]
+        if truth and np.median(2 * np.sqrt(np.array(truth) / np.pi)) > 2 * smallest:
+            kept.append(automatic_scale(first.diameters(loaded.card.mask_threshold), smallest))
+    assert len(kept) >= 4 and set(kept) == {1.0}, kept
 
 
 def _empty_region(seed: int, size: int, offset: float, level: float, noise: float) -> np.ndarray:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.infer import detect
+from pipeline.infer import automatic_scale, detect
 from pipeline.model import ModelCard, ModelLoadError, build_model, load_model, resolve_model, save_checkpoint
 
 
@@ -49,6 +51,44 @@ def test_detect_matches_forward_without_pasting(random_model_path):
         assert torch.equal(ref["scores"], det.scores)
         assert torch.equal(ref["labels"], det.labels)
         assert det.mask_probs.shape == (len(det.boxes), 28, 28)
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.5, 0.5])
+def test_detect_at_a_scale_is_detect_on_the_resampled_image_with_boxes_in_the_images_pixels(
+    random_model_path, scale
+):
+    model = load_model(str(random_model_path))
+    torch.manual_seed(3)
+    images = [torch.rand(3, 64, 96), torch.rand(3, 64, 96)]
+    resampled = F.interpolate(
+        torch.stack(images),
+        scale_factor=scale,
+        mode="bilinear",
+        antialias=scale < 1,
+        recompute_scale_factor=True,
+    )
+    reference = detect(model, list(resampled))
+    ours = detect(model, images, scale=scale)
+    assert sum(len(d.boxes) for d in ours) > 0
+    for ref, det in zip(reference, ours, strict=True):
+        assert torch.allclose(det.boxes, ref.boxes / scale, atol=1e-4)
+        assert det.boxes[:, 2].max() <= 96 and det.boxes[:, 3].max() <= 64
+        assert torch.equal(ref.scores, det.scores) and torch.equal(ref.mask_probs, det.mask_probs)
+
+
+@pytest.mark.parametrize(
+    ("diameters", "expected"),
+    [
+        ([4.0] * 7, 1.0),  # too few objects to judge their size (specks)
+        ([12.0, 13.0, 20.0, 30.0] * 2, 1.0),  # median 16.5 >= 1.5 x 8: trained sizes
+        ([6.0, 7.0, 8.0, 40.0] * 2, 2.0),  # median 7.5: 16 / 7.5 = 2.13 -> 2.0
+        ([5.0, 6.0, 6.5, 0.0] * 2 + [6.0] * 4, 2.5),  # empty masks ignored; median 6: 2.67 -> 2.5
+        ([2.0, 2.0, 3.0] * 3, 3.0),  # 8x asked, capped
+        ([11.0, 11.0, 11.5] * 3, 1.5),  # just under 12: at least 1.5
+    ],
+)
+def test_automatic_scale_enlarges_only_images_of_objects_well_below_the_trained_sizes(diameters, expected):
+    assert automatic_scale(np.array(diameters), smallest_trained=8.0) == expected
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_every_image_once_and_instances_are_consistent(finished_run, archive):
 
 def test_files_carry_schema_version_and_geoparquet_metadata(finished_run):
     meta = pq.read_schema(finished_run / "instances" / "shard-00000.parquet").metadata
-    assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"3"
+    assert meta[b"segpipe.schema"] == b"instances" and meta[b"segpipe.schema_version"] == b"4"
     geo = json.loads(meta[b"geo"])
     assert geo["primary_column"] == "polygon" and geo["columns"]["polygon"]["encoding"] == "WKB"
     marker = json.loads((finished_run / "_commits" / "shard-00000.committed.json").read_text())
@@ -138,6 +139,16 @@ def test_resume_refuses_different_settings(finished_run, capsys):
     assert run("--resume", finished_run, "--score-threshold", "0.9") == 2
     err = capsys.readouterr().err.strip()
     assert "different settings" in err and len(err.splitlines()) == 1
+    assert run("--resume", finished_run, "--scale", "2") == 2
+    assert "scale: run has 'auto', asked 2.0" in capsys.readouterr().err
+
+
+def test_runs_made_before_a_setting_existed_resume_as_they_were_made():
+    made_before = segment.pinned_from_run_json({"source": "s"})
+    assert (made_before.tile_size, made_before.scale) == (None, 1.0)
+    new = segment.PinnedSettings(source="s", scale=2.0)
+    assert segment.pinned_from_run_json(asdict(new)) == new
+    assert segment.PinnedSettings(source="s").scale == "auto"
 
 
 def test_resume_refuses_a_model_that_changed_and_leaves_no_replica_behind(
@@ -234,6 +245,8 @@ def test_s3_source_and_destination(ray_local, archive, random_model_path, s3_buc
         (["{archive}", "--output", "{tmp}/x", "--mpp", "0"], "--mpp must be > 0"),
         (["{archive}", "--output", "{tmp}/x", "--tissue", "some"], "invalid choice"),
         (["{archive}", "--output", "{tmp}/x", "--score-threshold", "2"], "must be in [0, 1]"),
+        (["{archive}", "--output", "{tmp}/x", "--scale", "0"], "--scale: must be auto or a factor in (0, 8]"),
+        (["{archive}", "--output", "{tmp}/x", "--scale", "big"], "a factor in (0, 8], got 'big'"),
         (["--resume", "{tmp}/never-ran"], "no run to resume"),
     ],
 )
@@ -339,9 +352,9 @@ def test_an_older_run_with_its_markers_and_schema_still_resumes(finished_run, tm
     """A run as segpipe 0.1 wrote it: markers with the status inside, one-row-group manifest,
     tables at schema version 1, run.json without a schema version. Resume redoes one missing shard,
     writing version 1 tables, so the run's files stay one dataset."""
-    from schemas import ADDED_IN_VERSION_2, ADDED_IN_VERSION_3
+    from schemas import ADDED_IN_VERSION_2, ADDED_IN_VERSION_3, ADDED_IN_VERSION_4
 
-    later = ADDED_IN_VERSION_2 | ADDED_IN_VERSION_3
+    later = ADDED_IN_VERSION_2 | ADDED_IN_VERSION_3 | ADDED_IN_VERSION_4
     dest = tmp_path / "old"
     shutil.copytree(finished_run, dest)
     for marker in (dest / "_commits").iterdir():
@@ -358,6 +371,7 @@ def test_an_older_run_with_its_markers_and_schema_still_resumes(finished_run, tm
     )
     run_json = json.loads((dest / "run.json").read_text())
     del run_json["schema_version"]
+    del run_json["settings"]["scale"]
     (dest / "run.json").write_text(json.dumps(run_json))
     before = pd.read_parquet(dest / "instances")
     (dest / "_commits" / "shard-00001.json").unlink()

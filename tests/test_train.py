@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.model import resolve_model
 from pipeline.preprocess import Preprocessing
-from pipeline.train import CocoTiles, TrainConfig, augment, train
+from pipeline.train import CocoTiles, TrainConfig, augment, diameter_range, train
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,16 @@ def test_loss_falls_and_checkpoint_loads_weights_only(tiny_archive, tmp_path):
     assert loaded.card.classes == ("nucleus",)
     assert loaded.card.training["steps"] == 12
     assert loaded.card.preprocessing == Preprocessing(channel="max", normalize="percentile")
+    areas = [a["area"] for a in json.loads(annotations.read_text())["annotations"]]
+    assert loaded.card.object_diameter_px == diameter_range(areas)
     assert not (tmp_path / "m.pt.train-state").exists()
+
+
+def test_the_diameter_range_leaves_out_the_few_objects_cut_by_a_tile_edge():
+    diameters = np.r_[np.full(5, 3.0), np.linspace(10, 40, 490), np.full(5, 90.0)]
+    low, high = diameter_range(np.pi * (diameters / 2) ** 2)
+    assert 10 <= low < 11 and 39 < high <= 40
+    assert diameter_range([]) is None
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tiny_archive, tmp_path, monkeypatch):

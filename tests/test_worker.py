@@ -65,6 +65,7 @@ def test_bad_images_become_error_rows_and_the_rest_is_processed(processor, archi
     errors = output.images.column("error").to_pylist()
     assert errors[0] is None and all(e and "\n" not in e for e in errors[1:6])
     assert output.summary["images"] == 7 and output.summary["images_ok"] == 2
+    assert output.images.column("scale").to_pylist() == [1.0, None, None, None, None, None, 1.0]
     ids = set(output.instances.column("image_id").to_pylist())
     assert ids == {0, 6}
 
@@ -208,13 +209,50 @@ def test_inputs_of_many_sizes_never_pile_up_waiting_for_a_full_batch(processor, 
         prepared.append(row["image_id"])
         return real_prepare(row)
 
-    def infer(arrays):
+    def infer(arrays, scale=1.0):
         inferred.extend(arrays)
         waiting.append(len(prepared) - len(inferred))
-        return real_infer(arrays)
+        return real_infer(arrays, scale)
 
     monkeypatch.setattr(processor, "prepare", prepare)
     monkeypatch.setattr(processor, "infer", infer)
     output = processor.process(rows_for(paths))
     assert output.images.num_rows == 12 and set(output.images.column("status").to_pylist()) == {"ok"}
     assert len(inferred) == 12 and max(waiting) <= 2 * processor.prefetch
+
+
+def spy_on_infer(processor, monkeypatch) -> list[tuple[int, float]]:
+    """Record (inputs, scale) of each :meth:`ShardProcessor.infer` call."""
+    calls, real_infer = [], processor.infer
+
+    def infer(arrays, scale=1.0):
+        calls.append((len(arrays), scale))
+        return real_infer(arrays, scale)
+
+    monkeypatch.setattr(processor, "infer", infer)
+    return calls
+
+
+def test_a_fixed_scale_resamples_plain_images_and_their_windows_never_slide_windows(processor, monkeypatch):
+    arrays = [np.random.default_rng(k).random((1, 64, 64), dtype=np.float32) for k in range(3)]
+    calls = spy_on_infer(processor, monkeypatch)
+    monkeypatch.setattr(processor, "settings", replace(processor.settings, scale=2.0))
+    found, factors = processor.infer_scaled(arrays, ["image", "window", "slide"])
+    assert factors == [2.0, 2.0, 1.0] and sorted(calls) == [(1, 1.0), (2, 2.0)]
+    assert all(len(f.boxes) and f.boxes[:, 2:].max() <= 64 for f in found)  # in the inputs' own pixels
+
+
+def test_automatic_scale_reruns_enlarged_only_whole_images_of_small_objects(processor, monkeypatch):
+    arrays = [np.random.default_rng(k).random((1, 64, 64), dtype=np.float32) for k in range(3)]
+    calls = spy_on_infer(processor, monkeypatch)
+    monkeypatch.setattr(processor, "settings", replace(processor.settings, scale="auto"))
+    # A card without object sizes: one pass, nothing resampled.
+    assert processor.infer_scaled(arrays, ["image", "window", "slide"])[1] == [1.0, 1.0, 1.0]
+    assert calls == [(3, 1.0)]
+    # Objects far smaller than the card's smallest: the whole image is redone at the largest factor.
+    calls.clear()
+    monkeypatch.setattr(processor, "card", replace(processor.card, object_diameter_px=(1000.0, 2000.0)))
+    found, factors = processor.infer_scaled(arrays, ["image", "window", "slide"])
+    assert factors == [infer.MAX_AUTOMATIC_SCALE, 1.0, 1.0]
+    assert calls == [(3, 1.0), (1, infer.MAX_AUTOMATIC_SCALE)]
+    assert found[0].boxes[:, 2:].max() <= 64
