@@ -3,7 +3,7 @@
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
 python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR]
-    [--cell-bodies F] [--json]
+    [--cell-bodies F] [--scale auto|F] [--json]
 python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
 python -m jobs.bench slide [--slides 2] [--size 4096] [--tile-size 1024] [--model M] [--device D] [--json]
 """
@@ -15,7 +15,7 @@ import platform
 import sys
 from pathlib import Path
 
-from jobs._cli import ArgumentParser
+from jobs._cli import ArgumentParser, scale_factor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         metavar="F",
         help="every archive with cell bodies in this fraction of its tiles (jobs.synth --cell-bodies)",
+    )
+    robust.add_argument(
+        "--scale",
+        type=scale_factor,
+        default="auto",
+        help="jobs.segment --scale for every archive (default auto; 1: native size, the reference)",
     )
     robust.add_argument("--json", action="store_true", help="one JSON object per archive")
     scale = sub.add_parser("scale", help="plan generated listings; resume scan of markers on S3 (no model)")
@@ -148,6 +154,7 @@ def _robustness(parser, args) -> int:
         seed=args.seed,
         real=args.real,
         cell_bodies=args.cell_bodies,
+        scale=args.scale,
     )
     if args.json:
         for row in rows:

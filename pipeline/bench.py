@@ -38,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -415,6 +416,7 @@ def bench_robustness(
     real: Path | None = None,
     workdir: Path | None = None,
     cell_bodies: float | None = None,
+    scale: float | str = "auto",
 ) -> list[dict[str, object]]:
     """Segment and score the in-distribution archive, every shifted archive, a background-only
     archive (no nucleus: its instances are all false) and ``real`` (if given).
@@ -424,9 +426,11 @@ def bench_robustness(
     scored by :func:`pipeline.evaluate.evaluate`. ``real`` is a folder of
     images with ``*_labels.*`` instance label images beside them
     (:func:`pipeline.evaluate.label_images_to_coco`). ``cell_bodies``: the
-    fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`).
+    fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`). ``scale``:
+    the segment job's ``--scale``.
 
-    Returns one dict per archive: ``archive``, ``images``, ``instances``,
+    Returns one dict per archive: ``archive``, ``images``, ``enlarged`` (the fraction of images the
+    model saw enlarged), ``instances``,
     ``truth`` (ground-truth instances), ``AP50``, ``AP`` (mask), ``count_mae``,
     ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
     (the APs are None for an archive without a true instance).
@@ -453,7 +457,7 @@ def bench_robustness(
                 coco = evaluate.label_images_to_coco(real, folder)
             dest = root / f"run-{folder.name}"
             report = segment.new_run(
-                str(dest), segment.PinnedSettings(source=str(folder), model=model), execution
+                str(dest), segment.PinnedSettings(source=str(folder), model=model, scale=scale), execution
             )
             if report.failed or report.images_error:
                 raise RuntimeError(f"robustness run on {name} not clean: {segment.format_report(report)}")
@@ -464,6 +468,7 @@ def bench_robustness(
                 {
                     "archive": name,
                     "images": int(scores["images"]),
+                    "enlarged": round(float((pd.read_parquet(dest / "images")["scale"] > 1).mean()), 3),
                     "instances": int(scores["instances"]),
                     "truth": truth,
                     "AP50": _ap(scores, "agnostic.segm.AP50", truth),

@@ -66,14 +66,15 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
         cv2.circle(labels, (x, y), 7, k, -1)
     cv2.imwrite(str(real / "a.png"), image)
     cv2.imwrite(str(real / "a_labels.png"), labels)
-    flags = ["--slides", "1", "--tiles-per-slide", "2", "--size", "96", "--real", str(real), "--json"]
+    flags = ["--slides", "1", "--tiles-per-slide", "2", "--size", "96", "--real", str(real), "--scale", "2"]
+    flags.append("--json")
     result = bench("robustness", "--model", str(random_model_path), *flags, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["archive"] for r in rows] == ["in-distribution", *SHIFTS, "background-only", "real: real"]
     for row in rows:
         assert {"AP50", "AP", "count_mae", "baseline_AP50", "baseline_count_mae"} <= set(row)
-        assert row["images"] >= 1
+        assert row["images"] >= 1 and row["enlarged"] == 1.0  # --scale 2 reached every run
         if row["archive"] == "background-only":
             # Nothing to find: no AP, and every instance counted is a false one.
             assert row["truth"] == 0 and row["AP50"] is None and row["baseline_AP50"] is None
