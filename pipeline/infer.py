@@ -39,12 +39,15 @@ class Detections:
     scores: torch.Tensor
     mask_probs: torch.Tensor
 
-    def diameters(self, mask_threshold: float) -> np.ndarray:
-        """float64 (N,) equivalent-circle diameters in px, from each mask grid's fraction above
-        ``mask_threshold`` times its box area (an estimate: no mask is pasted)."""
-        width = (self.boxes[:, 2] - self.boxes[:, 0]).clamp(min=0)
-        height = (self.boxes[:, 3] - self.boxes[:, 1]).clamp(min=0)
-        area = (self.mask_probs > mask_threshold).float().mean(dim=(1, 2)) * width * height
+    def diameters(self, mask_threshold: float, min_score: float = 0.0) -> np.ndarray:
+        """float64 (n,) equivalent-circle diameters in px of the detections scoring at least
+        ``min_score``, from each mask grid's fraction above ``mask_threshold`` times its box area
+        (an estimate: no mask is pasted)."""
+        confident = self.scores >= min_score
+        boxes, grids = self.boxes[confident], self.mask_probs[confident]
+        width = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
+        height = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+        area = (grids > mask_threshold).float().mean(dim=(1, 2)) * width * height
         return (2 * torch.sqrt(area / torch.pi)).cpu().numpy().astype(np.float64)
 
 

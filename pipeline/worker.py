@@ -146,13 +146,16 @@ class ShardProcessor:
         larger plain image) or ``"slide"`` (a slide's window, never resampled: ``--mpp`` chose its
         resolution). A fixed ``settings.scale`` applies to images and their windows; ``"auto"``
         runs everything at native size, then again, enlarged, the whole images whose objects
-        were small (:func:`pipeline.infer.automatic_scale`; windows stay native).
+        were small (:func:`pipeline.infer.automatic_scale`; windows stay native). The sizes are
+        those of detections scoring at least the card's default threshold, whatever the run's
+        ``--score-threshold`` (a low one lets through fragments and specks that would look small).
         """
         smallest = self.card.object_diameter_px[0] if self.card.object_diameter_px else None
+        confident = self.card.score_threshold
         if self.settings.scale == "auto":
             results = self.infer(arrays)
             factors = [
-                automatic_scale(found.diameters(self.settings.mask_threshold), smallest)
+                automatic_scale(found.diameters(self.settings.mask_threshold, confident), smallest)
                 if kind == "image" and smallest and isinstance(found, Detections)
                 else 1.0
                 for kind, found in zip(kinds, results, strict=True)

@@ -251,8 +251,14 @@ def test_automatic_scale_reruns_enlarged_only_whole_images_of_small_objects(proc
     assert calls == [(3, 1.0)]
     # Objects far smaller than the card's smallest: the whole image is redone at the largest factor.
     calls.clear()
-    monkeypatch.setattr(processor, "card", replace(processor.card, object_diameter_px=(1000.0, 2000.0)))
+    small_objects = replace(processor.card, object_diameter_px=(1000.0, 2000.0), score_threshold=0.0)
+    monkeypatch.setattr(processor, "card", small_objects)
     found, factors = processor.infer_scaled(arrays, ["image", "window", "slide"])
     assert factors == [infer.MAX_AUTOMATIC_SCALE, 1.0, 1.0]
     assert calls == [(3, 1.0), (1, infer.MAX_AUTOMATIC_SCALE)]
     assert found[0].boxes[:, 2:].max() <= 64
+    # Only detections the card itself would keep judge the size, whatever the run's threshold (0 here).
+    calls.clear()
+    monkeypatch.setattr(processor, "card", replace(small_objects, score_threshold=1.01))
+    assert processor.infer_scaled(arrays, ["image", "window", "slide"])[1] == [1.0, 1.0, 1.0]
+    assert calls == [(3, 1.0)]
