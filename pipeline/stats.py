@@ -130,7 +130,9 @@ def summarize(
     ``area_mean``, ``area_median``, ``area_p10``, ``area_p90``, ``area_std``
     (px^2, or um^2 with ``pixel_size_um`` and then named ``area_um2_*``),
     ``score_mean``, ``count_per_tile``, ``count_per_mm2`` (with a pixel size),
-    ``tiles`` (images processed ok) and ``tiles_error``; with ``features``
+    ``tiles`` (images processed ok) and ``tiles_error``; ``tiles_enlarged``
+    (images the model saw enlarged, ``--scale``) when ``images`` has a
+    ``scale`` column (schema version 4 on); with ``features``
     (see :func:`feature_columns`), ``F_mean`` and ``F_median`` for each. Every
     group appears with every class (count 0 where none was found).
 
@@ -151,9 +153,15 @@ def summarize(
 
     ok = images["status"] == "ok"
     tiles = images.assign(ok=ok, px=(images["height"].fillna(0) * images["width"].fillna(0)).where(ok, 0))
-    per_group = tiles.groupby(key).agg(
-        tiles=("ok", "sum"), tiles_error=("ok", lambda s: int((~s).sum())), tile_px=("px", "sum")
-    )
+    counted = {
+        "tiles": ("ok", "sum"),
+        "tiles_error": ("ok", lambda s: int((~s).sum())),
+        "tile_px": ("px", "sum"),
+    }
+    if "scale" in images:
+        tiles = tiles.assign(enlarged=ok & (images["scale"] > 1))
+        counted["tiles_enlarged"] = ("enlarged", "sum")
+    per_group = tiles.groupby(key).agg(**counted)
     slide_wise = slides is not None and by == "slide" and len(slides)
     if slide_wise:
         index = per_group.index.union(pd.Index(slides["slide_id"], name=key))
@@ -197,6 +205,8 @@ def summarize(
     table = table.drop(columns="tile_px").reset_index()
     table["tiles"] = table["tiles"].astype("int64")
     table["tiles_error"] = table["tiles_error"].astype("int64")
+    if "tiles_enlarged" in table:
+        table["tiles_enlarged"] = table["tiles_enlarged"].astype("int64")
     return table
 
 
@@ -219,6 +229,8 @@ def per_slide(
     columns = ["slide_id", "uri", "class_name", "area", "score", *sorted(wanted - {"area", "score"})]
     instances = read_table(dest, "instances", columns=columns)
     image_columns = ["slide_id", "uri", "status", "height", "width"] + (["channels"] if features else [])
+    if int(run.get("schema_version", "1")) >= 4:
+        image_columns.append("scale")
     images = read_table(dest, "images", columns=image_columns)
     slides = read_slides(dest)
     if slides is not None and "area_um2" not in columns and run.get("schema_version", "1") != "1":

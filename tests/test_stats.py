@@ -60,6 +60,15 @@ def test_per_slide_matches_plain_groupby(tables):
     total = table.loc["a", "count"].sum()
     assert total == a_count
     assert table.loc["a", "count_per_tile"].sum() == pytest.approx(a_count / 2)
+    assert "tiles_enlarged" not in table  # a run without images.scale (schema version 3 and older)
+
+
+def test_tiles_the_model_saw_enlarged_are_counted_per_slide(tables):
+    instances, images = tables
+    images = images.assign(scale=[1.0, 2.0, None, 1.0, 1.5, 1.0])
+    table = summarize(instances, images, classes=["nucleus"]).set_index("slide_id")
+    assert table["tiles_enlarged"].to_dict() == {"a": 1, "b": 1, "c": 0}
+    assert table["tiles_enlarged"].dtype == "int64"
 
 
 def test_pixel_size_gives_um2_and_density_per_mm2(tables):
