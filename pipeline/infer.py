@@ -71,7 +71,9 @@ def automatic_scale(diameters: np.ndarray, smallest_trained: float) -> float:
     their median diameter is under ``UPSCALE_BELOW * smallest_trained``; then
     ``UPSCALE_TO * smallest_trained / median``, to the nearest multiple of
     :data:`SCALE_STEP`, between 1.5 and :data:`MAX_AUTOMATIC_SCALE`. Only
-    enlarges: large objects are found at native size (README's robustness table).
+    enlarges: objects somewhat larger than trained on are found at native
+    size, and much larger ones break into fragments that look no larger
+    (README, "Object size").
     """
     diameters = np.asarray(diameters, dtype=np.float64)
     diameters = diameters[diameters > 0]
