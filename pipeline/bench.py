@@ -38,7 +38,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -47,6 +46,7 @@ from pipeline import evaluate, features, masks, segment, synth
 from pipeline.infer import detect
 from pipeline.model import resolve_model
 from pipeline.plan import plain_image_row
+from pipeline.stats import read_table
 from pipeline.worker import InferenceSettings, ShardProcessor
 
 MASK_CASES = ((1024, 50), (1024, 200), (1024, 500), (2048, 500))
@@ -463,12 +463,13 @@ def bench_robustness(
                 raise RuntimeError(f"robustness run on {name} not clean: {segment.format_report(report)}")
             scores, _ = evaluate.evaluate(str(dest), str(coco))
             truth = len(json.loads(Path(coco).read_text())["annotations"])
+            scales = read_table(str(dest), "images", ["scale"])["scale"]
 
             rows.append(
                 {
                     "archive": name,
                     "images": int(scores["images"]),
-                    "enlarged": round(float((pd.read_parquet(dest / "images")["scale"] > 1).mean()), 3),
+                    "enlarged": round(float((scales > 1).mean()), 3),
                     "instances": int(scores["instances"]),
                     "truth": truth,
                     "AP50": _ap(scores, "agnostic.segm.AP50", truth),
