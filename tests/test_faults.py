@@ -116,6 +116,14 @@ def _process_group(pgid: int) -> list[psutil.Process]:
     return members
 
 
+def _is_ray_worker(proc: psutil.Process) -> bool:
+    """A raylet or shard worker still alive; one that exits (or turns zombie) while it is read is not."""
+    try:
+        return "raylet" in proc.name() or "ShardWorker" in " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:  # ZombieProcess too
+        return False
+
+
 def test_a_killed_driver_is_resumed_without_redoing_committed_shards(
     ray_local, slow_archive, random_model_path, clean_run, tmp_path
 ):
@@ -138,9 +146,7 @@ def test_a_killed_driver_is_resumed_without_redoing_committed_shards(
         # Its embedded Ray's raylet and workers exit with it (no more commits after
         # that); Ray leaves two idle agent processes behind, which we clean up.
         deadline = time.monotonic() + 30
-        while any(
-            "raylet" in p.name() or "ShardWorker" in " ".join(p.cmdline()) for p in _process_group(driver.pid)
-        ):
+        while any(_is_ray_worker(p) for p in _process_group(driver.pid)):
             assert time.monotonic() < deadline, "the killed driver's Ray kept running"
             time.sleep(0.2)
     finally:
