@@ -2,6 +2,7 @@
 
 python -m jobs.evaluate DEST --annotations coco.json [--json]
 python -m jobs.evaluate DEST --annotations coco.json --sweep 0.3:0.9:0.1 [--plot sweep.png]
+python -m jobs.evaluate DEST --annotations coco.json --misses [--score-threshold 0.5] [--json]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pandas as pd
 
 from jobs._cli import ArgumentParser, fail_usage
 from pipeline import storage
-from pipeline.evaluate import evaluate, plot_sweep, sweep
+from pipeline.evaluate import evaluate, misses, plot_sweep, sweep
 
 
 def _thresholds(parser: ArgumentParser, text: str) -> list[float]:
@@ -34,9 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--sweep", metavar="START:STOP:STEP", help="score thresholds to sweep")
     parser.add_argument("--plot", help="with --sweep: write the sweep's PNG plot here")
+    parser.add_argument(
+        "--misses",
+        action="store_true",
+        help="where the errors are: recall per object size, isolated against touching, and the kinds "
+        "of false instances",
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        help="with --misses: keep instances scoring at least this (default: all the run stored)",
+    )
     args = parser.parse_args(argv)
     if args.plot and not args.sweep:
         parser.error("--plot needs --sweep")
+    if args.misses and args.sweep:
+        parser.error("--misses and --sweep are separate reports; ask for one")
+    if args.score_threshold is not None and not args.misses:
+        parser.error("--score-threshold needs --misses")
     if not storage.exists(storage.join(args.dest, "run.json")):
         return fail_usage(parser.prog, f"no run at {storage.redact(args.dest)} (run.json not found)")
     try:
@@ -48,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"sweep": table.to_dict(orient="records")}))
             else:
                 print(table.to_string(index=False, float_format="{:.3f}".format))
+            return 0
+        if args.misses:
+            tables = misses(args.dest, args.annotations, score_threshold=args.score_threshold)
+            if args.json:
+                print(json.dumps({name: table.to_dict(orient="records") for name, table in tables.items()}))
+            else:
+                with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
+                    print(tables["recall"].to_string(index=False))
+                    print()
+                    print(tables["false_instances"].to_string(index=False))
             return 0
         scores, tables = evaluate(args.dest, args.annotations)
     except (OSError, ValueError, KeyError) as exc:

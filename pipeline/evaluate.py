@@ -12,6 +12,9 @@
   the same way, class-agnostic.
 * Sweep: per score threshold, instance count and precision / recall at mask
   IoU 0.5 (greedy one-to-one matching by score).
+* Misses: recall at mask IoU 0.5 per object size band, isolated against
+  touching objects, and what the false instances are (duplicates, near misses,
+  background): where a model's errors are, not only how many.
 
 Ground-truth images are matched to the run's images by path relative to the
 run's source (COCO ``file_name``).
@@ -43,6 +46,11 @@ from pipeline.windows import window_mask_to_slide
 MAX_DETECTIONS = 1000
 BASELINE_MIN_AREA = 12
 """Connected components smaller than this (px) are noise, not nuclei, for the baseline."""
+MATCH_IOU = 0.5
+"""Mask IoU at which a prediction matches an object (AP50's criterion)."""
+NEAR_MISS_IOU = 0.1
+"""A false instance whose best mask IoU with an object reaches this is a near miss (a loose mask, a
+piece or a merge of real objects); below it, it lies on background."""
 
 
 @dataclass
@@ -306,12 +314,7 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
         ValueError: a threshold is below the run's own score threshold (those
             detections were never stored; rerun with a lower ``--score-threshold``).
     """
-    run_threshold = commit.read_json(storage.join(dest, "run.json"))["settings"]["score_threshold"]
-    if min(thresholds) < run_threshold:
-        raise ValueError(
-            f"the run kept only scores >= {run_threshold}; to sweep from {min(thresholds)}, "
-            f"segment again with --score-threshold {min(thresholds)} or lower"
-        )
+    _check_stored(dest, min(thresholds), "to sweep from")
     matched = load(dest, annotations)
     coco, instances = matched.coco, matched.instances
     gt_by_image: dict[int, list] = {}
@@ -323,22 +326,13 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
         kept = instances[instances["score"] >= threshold]
         true_positives = 0
         for gt_id, group in kept.groupby("gt_id"):
-            truth = gt_by_image.get(gt_id, [])
-            if not truth:
-                continue
             group = group.sort_values("score", ascending=False)
             predicted = [
                 {"size": [int(h), int(w)], "counts": r}
                 for h, w, r in zip(group["height"], group["width"], group["rle"], strict=True)
             ]
-            iou = mask_utils.iou(predicted, truth, [0] * len(truth))
-            taken = np.zeros(len(truth), bool)
-            for row in np.atleast_2d(iou):
-                candidates = np.where(taken, -1, row)
-                best = int(np.argmax(candidates))
-                if candidates[best] >= 0.5:
-                    taken[best] = True
-                    true_positives += 1
+            match, _ = match_masks(predicted, gt_by_image.get(gt_id, []))
+            true_positives += int((match >= 0).sum())
         rows.append(
             {
                 "score_threshold": round(float(threshold), 4),
@@ -350,6 +344,150 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _check_stored(dest: str, threshold: float, purpose: str) -> None:
+    """ValueError if ``threshold`` is below the run's own score threshold (never stored)."""
+    run_threshold = commit.read_json(storage.join(dest, "run.json"))["settings"]["score_threshold"]
+    if threshold < run_threshold:
+        raise ValueError(
+            f"the run kept only scores >= {run_threshold}; {purpose} {threshold}, "
+            f"segment again with --score-threshold {threshold} or lower"
+        )
+
+
+def match_masks(predicted: list[dict], truth: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching of one image's predictions to its objects at mask IoU >= :data:`MATCH_IOU`.
+
+    Args:
+        predicted: COCO RLEs by descending score (each takes the best object still free).
+        truth: the objects' COCO RLEs, same image size.
+
+    Returns:
+        ``(match, best)``, int64 and float64 of length ``len(predicted)``: the object index
+        each prediction took (-1: none) and its highest IoU with any object, taken or not.
+    """
+    match = np.full(len(predicted), -1, np.int64)
+    if not predicted or not truth:
+        return match, np.zeros(len(predicted))
+    iou = np.atleast_2d(mask_utils.iou(predicted, truth, [0] * len(truth)))
+    taken = np.zeros(len(truth), bool)
+    for i, row in enumerate(iou):
+        candidates = np.where(taken, -1, row)
+        j = int(np.argmax(candidates))
+        if candidates[j] >= MATCH_IOU:
+            taken[j] = True
+            match[i] = j
+    return match, iou.max(axis=1)
+
+
+def equivalent_diameters(rles: list[dict]) -> np.ndarray:
+    """Diameter (px, float64) of the disk with each mask's area."""
+    # One call per mask: pycocotools' area() of a list overflows past 255 masks.
+    area = np.array([mask_utils.area(rle) for rle in rles], np.float64)
+    return 2 * np.sqrt(area / np.pi)
+
+
+def touching_objects(truth: list[dict]) -> np.ndarray:
+    """Per object (COCO RLEs of one image): does it overlap another or lie within 1 px (8-neighbours)?"""
+    if len(truth) < 2:
+        return np.zeros(len(truth), bool)
+    height, width = truth[0]["size"]
+    cover = np.zeros((height, width), np.uint16)
+    crops = []
+    for rle in truth:
+        x, y, w, h = mask_utils.toBbox(rle)
+        x0, y0 = max(int(x) - 1, 0), max(int(y) - 1, 0)
+        x1, y1 = min(int(np.ceil(x + w)) + 1, width), min(int(np.ceil(y + h)) + 1, height)
+        mask = mask_utils.decode(rle)[y0:y1, x0:x1]
+        cover[y0:y1, x0:x1] += mask
+        crops.append((mask, x0, y0))
+    touching = np.zeros(len(truth), bool)
+    for k, (mask, x0, y0) in enumerate(crops):
+        h, w = mask.shape
+        others = cover[y0 : y0 + h, x0 : x0 + w] > mask
+        touching[k] = bool((cv2.dilate(mask, np.ones((3, 3), np.uint8)).astype(bool) & others).any())
+    return touching
+
+
+def misses(
+    dest: str, annotations: str, *, score_threshold: float | None = None, bands: int = 5
+) -> dict[str, pd.DataFrame]:
+    """Where a run's errors are, at mask IoU :data:`MATCH_IOU` (greedy matching by score).
+
+    Args:
+        score_threshold: instances kept (default: every instance the run stored).
+        bands: object size bands, quantiles of the objects' equivalent diameters.
+
+    Returns:
+        ``recall``: per size band (``diameter_px``, "8-10" px, and a last row ``all``): objects
+        and recall of the isolated ones, of those touching or overlapping another, of all;
+        ``false_instances``: the unmatched instances by kind, ``duplicate`` (IoU >= 0.5 with an
+        object a higher-scoring instance took), ``near miss`` (best IoU :data:`NEAR_MISS_IOU`
+        to 0.5), ``background``, with their count and share of all instances.
+
+    Raises:
+        ValueError: ``score_threshold`` below the run's own (those were never stored).
+    """
+    if score_threshold is not None:
+        _check_stored(dest, score_threshold, "to keep scores from")
+    matched = load(dest, annotations)
+    coco, instances = matched.coco, matched.instances
+    kept = instances if score_threshold is None else instances[instances["score"] >= score_threshold]
+    by_image: dict[int, list[dict]] = {}
+    for detection in sorted(detections_from_instances(kept, coco), key=lambda d: -d["score"]):
+        by_image.setdefault(detection["image_id"], []).append(detection["segmentation"])
+    objects, kinds = [], []
+    for gt_id in sorted(matched.images["gt_id"].unique()):
+        truth = [coco.annToRLE(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=[int(gt_id)], iscrowd=False))]
+        match, best = match_masks(by_image.get(gt_id, []), truth)
+        found = np.zeros(len(truth), bool)
+        found[match[match >= 0]] = True
+        objects.append(
+            pd.DataFrame(
+                {"diameter": equivalent_diameters(truth), "touching": touching_objects(truth), "found": found}
+            )
+        )
+        unmatched = best[match < 0]
+        kinds += np.select(
+            [unmatched >= MATCH_IOU, unmatched >= NEAR_MISS_IOU], ["duplicate", "near miss"], "background"
+        ).tolist()
+    objects = pd.concat(objects, ignore_index=True)
+    kept_count = len(kept)
+    false_instances = (
+        pd.Series(kinds, dtype="object")
+        .value_counts()
+        .reindex(["duplicate", "near miss", "background"], fill_value=0)
+        .rename_axis("kind")
+        .reset_index(name="instances")
+    )
+    false_instances["share"] = false_instances["instances"] / max(kept_count, 1)
+    return {"recall": _recall_by_size(objects, bands), "false_instances": false_instances}
+
+
+def _recall_by_size(objects: pd.DataFrame, bands: int) -> pd.DataFrame:
+    """Objects and recall per diameter band (quantile edges), isolated / touching / all, plus ``all``."""
+    if objects.empty:
+        return pd.DataFrame(columns=["diameter_px", "objects", "recall"])
+    edges = np.unique(np.quantile(objects["diameter"], np.linspace(0, 1, bands + 1)))
+    last = max(len(edges) - 2, 0)
+    band = np.clip(np.searchsorted(edges, objects["diameter"], side="right") - 1, 0, last)
+
+    def summary(group: pd.DataFrame) -> dict:
+        row = {}
+        for name, part in (("isolated", group[~group["touching"]]), ("touching", group[group["touching"]])):
+            row[f"{name}_objects"] = len(part)
+            row[f"{name}_recall"] = part["found"].mean() if len(part) else np.nan
+        row["objects"], row["recall"] = len(group), group["found"].mean()
+        return row
+
+    rows = []
+    for b in range(last + 1):
+        group = objects[band == b]
+        if len(group):
+            name = f"{edges[b]:.0f}-{edges[b + 1]:.0f}" if len(edges) > 1 else f"{edges[0]:.0f}"
+            rows.append({"diameter_px": name, **summary(group)})
+    return pd.DataFrame([*rows, {"diameter_px": "all", **summary(objects)}])
 
 
 def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = "_labels") -> Path:

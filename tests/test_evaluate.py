@@ -1,14 +1,23 @@
-"""Evaluation: AP 1.0 on the ground truth itself, lower when instances are missing; the sweep."""
+"""Evaluation: AP 1.0 on the ground truth itself, lower when instances are missing; the sweep; misses."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
+from pycocotools import mask as mask_utils
 
 from pipeline import commit
-from pipeline.evaluate import evaluate, sweep
+from pipeline.evaluate import (
+    equivalent_diameters,
+    evaluate,
+    match_masks,
+    misses,
+    sweep,
+    touching_objects,
+)
 from schemas import IMAGES, instances_schema
 from tests.helpers import run_job
 
@@ -125,3 +134,71 @@ def test_evaluate_job_json_and_sweep_plot(archive, tmp_path):
     assert result.returncode == 0, result.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "precision" in result.stdout
+
+
+def _rle(x0: int, y0: int, x1: int, y1: int, size: int = 40) -> dict:
+    """COCO RLE of the rectangle [x0, x1) x [y0, y1) in a size x size image."""
+    mask = np.zeros((size, size), np.uint8, order="F")
+    mask[y0:y1, x0:x1] = 1
+    return mask_utils.encode(mask)
+
+
+def test_matching_takes_each_object_once_by_score_and_reports_the_best_overlap():
+    isolated, left, right = _rle(2, 2, 8, 8), _rle(20, 20, 28, 28), _rle(28, 20, 36, 28)
+    below = _rle(20, 32, 28, 38)
+    predicted = [left, left, _rle(28, 20, 31, 28), _rle(2, 30, 6, 34), below]
+    match, best = match_masks(predicted, [isolated, left, right, below])
+    assert match.tolist() == [1, -1, -1, -1, 3]
+    assert best[1] == 1.0 and best[2] == pytest.approx(3 / 8) and best[3] == 0.0
+    assert match_masks([], [left])[0].size == 0 and match_masks([left], [])[0].tolist() == [-1]
+
+
+def test_touching_means_overlapping_or_within_one_pixel_diagonals_included():
+    truth = [_rle(2, 2, 8, 8), _rle(20, 20, 28, 28), _rle(28, 20, 36, 28), _rle(20, 30, 28, 36)]
+    assert touching_objects(truth).tolist() == [False, True, True, False]
+    assert touching_objects([_rle(0, 0, 5, 5), _rle(5, 5, 9, 9)]).tolist() == [True, True]
+    assert touching_objects([_rle(0, 0, 5, 5), _rle(3, 3, 9, 9)]).tolist() == [True, True]
+    assert touching_objects([_rle(0, 0, 5, 5), _rle(6, 6, 9, 9)]).tolist() == [False, False]
+    assert touching_objects([_rle(0, 0, 5, 5)]).tolist() == [False]
+    spots = [_rle(x, y, x + 1, y + 1, size=60) for x in range(0, 60, 3) for y in range(0, 45, 3)]
+    assert len(spots) == 300 and not touching_objects(spots).any()  # more than a uint8 counts
+    assert equivalent_diameters(spots) == pytest.approx(np.full(300, 2 / np.sqrt(np.pi)))
+    assert equivalent_diameters([_rle(0, 0, 10, 10)]) == pytest.approx([2 * np.sqrt(100 / np.pi)])
+
+
+def test_misses_split_recall_by_size_and_contact_and_name_the_false_instances(archive, tmp_path):
+    coco = write_run_from_ground_truth(archive, tmp_path / "perfect")
+    perfect = misses(str(tmp_path / "perfect"), str(archive / "annotations.json"))
+    total = perfect["recall"].iloc[-1]
+    assert total["diameter_px"] == "all" and total["objects"] == len(coco["annotations"])
+    assert (perfect["recall"]["recall"] == 1.0).all()
+    assert perfect["recall"]["objects"].iloc[:-1].sum() == total["objects"]
+    assert 0 < total["touching_objects"] < total["objects"]
+    assert perfect["false_instances"]["instances"].tolist() == [0, 0, 0]
+
+    write_run_from_ground_truth(archive, tmp_path / "half", drop_every=2)
+    half = misses(str(tmp_path / "half"), str(archive / "annotations.json"))["recall"].iloc[-1]
+    kept = sum(len(range(0, n, 2)) for n in _objects_per_image(coco))
+    assert half["recall"] == pytest.approx(kept / len(coco["annotations"]))
+
+
+def _objects_per_image(coco: dict) -> list[int]:
+    counts: dict[int, int] = {}
+    for ann in coco["annotations"]:
+        counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + 1
+    return list(counts.values())
+
+
+def test_misses_job_prints_json_and_refuses_scores_the_run_never_kept(archive, tmp_path, capsys):
+    from jobs import evaluate as evaluate_job
+
+    write_run_from_ground_truth(archive, tmp_path / "run", score_threshold=0.5)
+    base = [str(tmp_path / "run"), "--annotations", str(archive / "annotations.json"), "--misses"]
+    assert evaluate_job.main([*base, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["recall"][-1]["recall"] == 1.0 and len(report["false_instances"]) == 3
+    assert evaluate_job.main([*base, "--score-threshold", "0.3"]) == 2
+    assert "--score-threshold 0.3 or lower" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        evaluate_job.main([*base[:3], "--score-threshold", "0.6"])
+    assert usage.value.code == 2
