@@ -317,10 +317,8 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
     _check_stored(dest, min(thresholds), "to sweep from")
     matched = load(dest, annotations)
     coco, instances = matched.coco, matched.instances
-    gt_by_image: dict[int, list] = {}
-    for ann in coco.dataset["annotations"]:
-        gt_by_image.setdefault(ann["image_id"], []).append(ann["segmentation"])
-    n_gt = sum(len(gt_by_image.get(i, [])) for i in matched.images["gt_id"])
+    gt_by_image = {gt_id: _object_masks(coco, gt_id) for gt_id in matched.images["gt_id"].unique()}
+    n_gt = sum(len(gt_by_image[i]) for i in matched.images["gt_id"])
     rows = []
     for threshold in thresholds:
         kept = instances[instances["score"] >= threshold]
@@ -354,6 +352,12 @@ def _check_stored(dest: str, threshold: float, purpose: str) -> None:
             f"the run kept only scores >= {run_threshold}; {purpose} {threshold}, "
             f"segment again with --score-threshold {threshold} or lower"
         )
+
+
+def _object_masks(coco: COCO, image_id: int) -> list[dict]:
+    """COCO RLEs of an image's objects, whatever their stored form; crowd regions left out, as the
+    counts leave them out (:func:`ground_truth_counts`)."""
+    return [coco.annToRLE(a) for a in coco.imgToAnns.get(int(image_id), []) if not a.get("iscrowd", 0)]
 
 
 def match_masks(predicted: list[dict], truth: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -439,7 +443,7 @@ def misses(
         by_image.setdefault(detection["image_id"], []).append(detection["segmentation"])
     objects, kinds = [], []
     for gt_id in sorted(matched.images["gt_id"].unique()):
-        truth = [coco.annToRLE(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=[int(gt_id)], iscrowd=False))]
+        truth = _object_masks(coco, gt_id)
         match, best = match_masks(by_image.get(gt_id, []), truth)
         found = np.zeros(len(truth), bool)
         found[match[match >= 0]] = True
@@ -453,7 +457,6 @@ def misses(
             [unmatched >= MATCH_IOU, unmatched >= NEAR_MISS_IOU], ["duplicate", "near miss"], "background"
         ).tolist()
     objects = pd.concat(objects, ignore_index=True)
-    kept_count = len(kept)
     false_instances = (
         pd.Series(kinds, dtype="object")
         .value_counts()
@@ -461,7 +464,7 @@ def misses(
         .rename_axis("kind")
         .reset_index(name="instances")
     )
-    false_instances["share"] = false_instances["instances"] / max(kept_count, 1)
+    false_instances["share"] = false_instances["instances"] / max(len(kept), 1)
     return {"recall": _recall_by_size(objects, bands), "false_instances": false_instances}
 
 

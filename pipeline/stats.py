@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline import commit, storage
 from pipeline.plan import slides_uri
-from schemas import IMAGES, INSTANCES, READABLE_VERSIONS, check_version
+from schemas import IMAGES, INSTANCES, READABLE_VERSIONS, at_version, check_version
 
 FEATURE_PATTERN = re.compile(r"^(?P<column>[a-z_0-9]+)(\[(?P<channel>[^\]]+)\])?$")
 """A feature spec: a numeric instances column, or a per-channel one with ``[channel name or index]``."""
@@ -229,7 +229,7 @@ def per_slide(
     columns = ["slide_id", "uri", "class_name", "area", "score", *sorted(wanted - {"area", "score"})]
     instances = read_table(dest, "instances", columns=columns)
     image_columns = ["slide_id", "uri", "status", "height", "width"] + (["channels"] if features else [])
-    if int(run.get("schema_version", "1")) >= 4:
+    if "scale" in at_version(IMAGES, run.get("schema_version", "1")).names:
         image_columns.append("scale")
     images = read_table(dest, "images", columns=image_columns)
     slides = read_slides(dest)

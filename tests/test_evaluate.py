@@ -176,6 +176,13 @@ def test_misses_split_recall_by_size_and_contact_and_name_the_false_instances(ar
     assert 0 < total["touching_objects"] < total["objects"]
     assert perfect["false_instances"]["instances"].tolist() == [0, 0, 0]
 
+    without_crowd_flags = tmp_path / "no-iscrowd.json"  # COCO files written by other tools often omit it
+    coco_as_written = json.loads((archive / "annotations.json").read_text())
+    for ann in coco_as_written["annotations"]:
+        ann.pop("iscrowd", None)
+    without_crowd_flags.write_text(json.dumps(coco_as_written))
+    assert misses(str(tmp_path / "perfect"), str(without_crowd_flags))["recall"].equals(perfect["recall"])
+
     write_run_from_ground_truth(archive, tmp_path / "half", drop_every=2)
     half = misses(str(tmp_path / "half"), str(archive / "annotations.json"))["recall"].iloc[-1]
     kept = sum(len(range(0, n, 2)) for n in _objects_per_image(coco))
