@@ -308,7 +308,8 @@ def _count_table(
 
 
 def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
-    """Per score threshold: instances kept, TP at mask IoU 0.5, precision, recall, count error.
+    """Per score threshold: instances kept, objects, true positives at mask IoU 0.5 (greedy by score,
+    :func:`match_masks`), precision and recall; slide windows' masks are moved onto the slide first.
 
     Raises:
         ValueError: a threshold is below the run's own score threshold (those
@@ -316,28 +317,24 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
     """
     _check_stored(dest, min(thresholds), "to sweep from")
     matched = load(dest, annotations)
-    coco, instances = matched.coco, matched.instances
-    gt_by_image = {gt_id: _object_masks(coco, gt_id) for gt_id in matched.images["gt_id"].unique()}
-    n_gt = sum(len(gt_by_image[i]) for i in matched.images["gt_id"])
+    ranked = _ranked_detections(matched.instances, matched.coco, matched.images["gt_id"])
+    truth = {gt_id: _object_masks(matched.coco, gt_id) for gt_id in ranked}
+    n_gt = sum(len(objects) for objects in truth.values())
     rows = []
     for threshold in thresholds:
-        kept = instances[instances["score"] >= threshold]
-        true_positives = 0
-        for gt_id, group in kept.groupby("gt_id"):
-            group = group.sort_values("score", ascending=False)
-            predicted = [
-                {"size": [int(h), int(w)], "counts": r}
-                for h, w, r in zip(group["height"], group["width"], group["rle"], strict=True)
-            ]
-            match, _ = match_masks(predicted, gt_by_image.get(gt_id, []))
+        kept, true_positives = 0, 0
+        for gt_id, (scores, rles) in ranked.items():
+            n = int(np.searchsorted(-scores, -threshold, side="right"))
+            match, _ = match_masks(rles[:n], truth[gt_id])
+            kept += n
             true_positives += int((match >= 0).sum())
         rows.append(
             {
                 "score_threshold": round(float(threshold), 4),
-                "instances": len(kept),
+                "instances": kept,
                 "ground_truth": n_gt,
                 "true_positives": true_positives,
-                "precision": true_positives / len(kept) if len(kept) else 1.0,
+                "precision": true_positives / kept if kept else 1.0,
                 "recall": true_positives / n_gt if n_gt else 1.0,
             }
         )
@@ -358,6 +355,20 @@ def _object_masks(coco: COCO, image_id: int) -> list[dict]:
     """COCO RLEs of an image's objects, whatever their stored form; crowd regions left out, as the
     counts leave them out (:func:`ground_truth_counts`)."""
     return [coco.annToRLE(a) for a in coco.imgToAnns.get(int(image_id), []) if not a.get("iscrowd", 0)]
+
+
+def _ranked_detections(
+    instances: pd.DataFrame, coco: COCO, gt_ids
+) -> dict[int, tuple[np.ndarray, list[dict]]]:
+    """Per ground-truth image ``gt_ids`` (those without an instance too): its detections' scores
+    (float64, descending) and COCO RLEs in the image's own frame (slide windows moved onto the
+    slide), in that order."""
+    ranked: dict[int, tuple[list, list]] = {int(i): ([], []) for i in gt_ids}
+    for detection in sorted(detections_from_instances(instances, coco), key=lambda d: -d["score"]):
+        scores, rles = ranked[detection["image_id"]]
+        scores.append(detection["score"])
+        rles.append(detection["segmentation"])
+    return {gt_id: (np.asarray(scores, np.float64), rles) for gt_id, (scores, rles) in ranked.items()}
 
 
 def match_masks(predicted: list[dict], truth: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -437,14 +448,13 @@ def misses(
         _check_stored(dest, score_threshold, "to keep scores from")
     matched = load(dest, annotations)
     coco, instances = matched.coco, matched.instances
-    kept = instances if score_threshold is None else instances[instances["score"] >= score_threshold]
-    by_image: dict[int, list[dict]] = {}
-    for detection in sorted(detections_from_instances(kept, coco), key=lambda d: -d["score"]):
-        by_image.setdefault(detection["image_id"], []).append(detection["segmentation"])
+    if score_threshold is not None:
+        instances = instances[instances["score"] >= score_threshold]
+    ranked = _ranked_detections(instances, coco, matched.images["gt_id"])
     objects, kinds = [], []
-    for gt_id in sorted(matched.images["gt_id"].unique()):
+    for gt_id in sorted(ranked):
         truth = _object_masks(coco, gt_id)
-        match, best = match_masks(by_image.get(gt_id, []), truth)
+        match, best = match_masks(ranked[gt_id][1], truth)
         found = np.zeros(len(truth), bool)
         found[match[match >= 0]] = True
         objects.append(
@@ -464,7 +474,7 @@ def misses(
         .rename_axis("kind")
         .reset_index(name="instances")
     )
-    false_instances["share"] = false_instances["instances"] / max(len(kept), 1)
+    false_instances["share"] = false_instances["instances"] / max(len(instances), 1)
     return {"recall": _recall_by_size(objects, bands), "false_instances": false_instances}
 
 
