@@ -113,6 +113,33 @@ def feature_seconds(probs, boxes, image_size, threshold: float, pixels: np.ndarr
     return _best_of(run, repeats)[0]
 
 
+def decode_seconds(rles: list[str], boxes: np.ndarray, image_size: tuple[int, int], repeats: int):
+    """Best-of seconds to read stored masks back inside their boxes: ``pycocotools.mask.decode``
+    of the full canvas then cropped (reference) against :func:`pipeline.masks.decode_box`.
+
+    Args:
+        rles: COCO compressed counts (ASCII) over ``image_size`` (height, width).
+        boxes: int (N, 4) x0, y0, x1, y1 (exclusive), one per RLE.
+
+    Raises:
+        AssertionError: a crop differs between the two.
+    """
+    size = list(image_size)
+    pairs = [({"size": size, "counts": rle}, box) for rle, box in zip(rles, boxes.tolist(), strict=True)]
+
+    def reference():
+        return [mask_utils.decode(rle)[y0:y1, x0:x1] for rle, (x0, y0, x1, y1) in pairs]
+
+    def box_local():
+        return [masks.decode_box(rle, *box) for rle, box in pairs]
+
+    reference_s, expected = _best_of(reference, max(1, repeats // 3))
+    box_local_s, got = _best_of(box_local, repeats)
+    if any(not np.array_equal(a, b) for a, b in zip(expected, got, strict=True)):
+        raise AssertionError(f"a box decoded by decode_box differs from pycocotools at {image_size}")
+    return reference_s, box_local_s
+
+
 def bench_masks(
     cases=MASK_CASES, *, device: str = "cpu", threshold: float = 0.5, repeats: int = 3
 ) -> list[dict[str, float]]:
@@ -123,7 +150,9 @@ def bench_masks(
     intensity features alone on the same masks, and ``feature_growth`` is
     what they add to the rest of the encoding (``features_s / (pipeline_s -
     features_s)``). Raises AssertionError if any RLE string differs between
-    the reference and the pipeline.
+    the reference and the pipeline. ``decode_*`` time reading the stored
+    RLEs back inside their boxes (:func:`decode_seconds`), what evaluation
+    does per object.
     """
     masks.compile_kernels()  # as a replica does at start-up
     results = []
@@ -138,6 +167,7 @@ def bench_masks(
             differing = sum(a != b for a, b in zip(reference, ours["rle"], strict=True))
             raise AssertionError(f"{differing} of {count} RLE strings differ at {size}^2")
         features_s = feature_seconds(*args, pixels, repeats)
+        decode_reference_s, decode_s = decode_seconds(ours["rle"], ours["_mask_box"], image_size, repeats)
         results.append(
             {
                 "size": size,
@@ -148,6 +178,9 @@ def bench_masks(
                 "speedup": round(reference_s / pipeline_s, 1),
                 "features_s": round(features_s, 4),
                 "feature_growth": round(features_s / max(pipeline_s - features_s, 1e-9), 3),
+                "decode_reference_s": round(decode_reference_s, 4),
+                "decode_s": round(decode_s, 4),
+                "decode_speedup": round(decode_reference_s / decode_s, 1),
             }
         )
     return results

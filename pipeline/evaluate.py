@@ -414,7 +414,7 @@ def touching_objects(truth: list[dict]) -> np.ndarray:
         x, y, w, h = mask_utils.toBbox(rle)
         x0, y0 = max(int(x) - 1, 0), max(int(y) - 1, 0)
         x1, y1 = min(int(np.ceil(x + w)) + 1, width), min(int(np.ceil(y + h)) + 1, height)
-        mask = mask_utils.decode(rle)[y0:y1, x0:x1]
+        mask = masks.decode_box(rle, x0, y0, x1, y1)
         cover[y0:y1, x0:x1] += mask
         crops.append((mask, x0, y0))
     touching = np.zeros(len(truth), bool)
