@@ -46,6 +46,7 @@ from pipeline import evaluate, features, masks, segment, synth
 from pipeline.infer import detect
 from pipeline.model import resolve_model
 from pipeline.plan import plain_image_row
+from pipeline.rle import decode_box
 from pipeline.stats import read_table
 from pipeline.worker import InferenceSettings, ShardProcessor
 
@@ -115,7 +116,7 @@ def feature_seconds(probs, boxes, image_size, threshold: float, pixels: np.ndarr
 
 def decode_seconds(rles: list[str], boxes: np.ndarray, image_size: tuple[int, int], repeats: int):
     """Best-of seconds to read stored masks back inside their boxes: ``pycocotools.mask.decode``
-    of the full canvas then cropped (reference) against :func:`pipeline.masks.decode_box`.
+    of the full canvas then cropped (reference) against :func:`pipeline.rle.decode_box`.
 
     Args:
         rles: COCO compressed counts (ASCII) over ``image_size`` (height, width).
@@ -131,7 +132,7 @@ def decode_seconds(rles: list[str], boxes: np.ndarray, image_size: tuple[int, in
         return [mask_utils.decode(rle)[y0:y1, x0:x1] for rle, (x0, y0, x1, y1) in pairs]
 
     def box_local():
-        return [masks.decode_box(rle, *box) for rle, box in pairs]
+        return [decode_box(rle, *box) for rle, box in pairs]
 
     reference_s, expected = _best_of(reference, max(1, repeats // 3))
     box_local_s, got = _best_of(box_local, repeats)

@@ -39,6 +39,7 @@ from pycocotools.cocoeval import COCOeval
 from pipeline import commit, masks, preprocess, storage
 from pipeline.decode import DecodeError, RawImage, read_and_decode
 from pipeline.preprocess import model_input
+from pipeline.rle import decode_box
 from pipeline.slides import Slide, is_slide_candidate
 from pipeline.stats import read_table
 from pipeline.windows import window_mask_to_slide
@@ -414,7 +415,7 @@ def touching_objects(truth: list[dict]) -> np.ndarray:
         x, y, w, h = mask_utils.toBbox(rle)
         x0, y0 = max(int(x) - 1, 0), max(int(y) - 1, 0)
         x1, y1 = min(int(np.ceil(x + w)) + 1, width), min(int(np.ceil(y + h)) + 1, height)
-        mask = masks.decode_box(rle, x0, y0, x1, y1)
+        mask = decode_box(rle, x0, y0, x1, y1)
         cover[y0:y1, x0:x1] += mask
         crops.append((mask, x0, y0))
     touching = np.zeros(len(truth), bool)

@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 from pipeline import stats
 from pipeline.decode import DecodeError, RawImage, read_and_decode
 from pipeline.preprocess import Preprocessing, model_input
+from pipeline.rle import decode_box
 from pipeline.slides import Slide
 from pipeline.stats import read_table
 
@@ -43,10 +44,13 @@ def draw_instances(image: np.ndarray, instances: pd.DataFrame, *, labels: bool =
     outlines = np.zeros(image.shape[:2], np.uint8)
     height, width = image.shape[:2]
     for index, row in enumerate(instances.itertuples()):
-        mask = mask_utils.decode({"size": [height, width], "counts": row.rle}).astype(bool)
+        rle = {"size": [height, width], "counts": row.rle}
+        x0, y0, w, h = (int(v) for v in mask_utils.toBbox(rle))  # the mask's own box
+        mask = decode_box(rle, x0, y0, x0 + w, y0 + h)
+        inside = canvas[y0 : y0 + h, x0 : x0 + w]
         colour = np.array(instance_colour(index), np.float32)
-        canvas[mask] = (1 - FILL_ALPHA) * canvas[mask] + FILL_ALPHA * colour
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        inside[mask > 0] = (1 - FILL_ALPHA) * inside[mask > 0] + FILL_ALPHA * colour
+        contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE, offset=(x0, y0))
         cv2.drawContours(outlines, contours, -1, 255, 1)
     out = canvas.round().astype(np.uint8)
     out[outlines > 0] = 255

@@ -8,7 +8,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from pipeline.decode import read_and_decode
-from pipeline.render import FILL_ALPHA, contact_sheet, for_display, instance_colour
+from pipeline.render import FILL_ALPHA, contact_sheet, draw_instances, for_display, instance_colour
 from tests.helpers import run_job
 
 
@@ -40,6 +40,39 @@ def test_render_writes_the_tile_with_instance_colours(segmented_run, tmp_path):
         assert np.abs(picture[inner] - expected).max(initial=0) <= 1, index
         checked += int(inner.sum())
     assert checked > 0
+
+
+def _drawn_on_the_whole_canvas(image: np.ndarray, rles: list[str]) -> np.ndarray:
+    """The reference drawing: every mask decoded and traced on the whole image."""
+    canvas = image.astype(np.float32)
+    outlines = np.zeros(image.shape[:2], np.uint8)
+    for index, rle in enumerate(rles):
+        mask = mask_utils.decode({"size": list(image.shape[:2]), "counts": rle})
+        colour = np.array(instance_colour(index), np.float32)
+        canvas[mask > 0] = (1 - FILL_ALPHA) * canvas[mask > 0] + FILL_ALPHA * colour
+        contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(outlines, contours, -1, 255, 1)
+    out = canvas.round().astype(np.uint8)
+    out[outlines > 0] = 255
+    return out
+
+
+def test_instances_drawn_inside_their_boxes_equal_the_whole_canvas_drawing():
+    """Fill and outlines pixel for pixel as when each mask is decoded and traced on the whole
+    image: overlapping masks, masks cut by every edge, a ring with its hole, a single pixel."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    shapes = []
+    for cx, cy, r in [(20, 20, 9), (27, 24, 8), (0, 35, 7), (89, 10, 6), (45, 0, 5), (60, 69, 10)]:
+        shapes.append(cv2.circle(np.zeros((70, 90), np.uint8), (cx, cy), r, 1, -1))
+    ring = cv2.circle(np.zeros((70, 90), np.uint8), (60, 35), 11, 1, -1)
+    shapes.append(cv2.circle(ring, (60, 35), 4, 0, -1))
+    dot = np.zeros((70, 90), np.uint8)
+    dot[50, 10] = 1
+    shapes.append(dot)
+    rles = [mask_utils.encode(np.asfortranarray(m))["counts"].decode("ascii") for m in shapes]
+    drawn = draw_instances(image, pd.DataFrame({"rle": rles}))
+    np.testing.assert_array_equal(drawn, _drawn_on_the_whole_canvas(image, rles))
 
 
 def test_contact_sheet_and_histogram(segmented_run, tmp_path):
