@@ -179,8 +179,8 @@ def bench_masks(
                 "speedup": round(reference_s / pipeline_s, 1),
                 "features_s": round(features_s, 4),
                 "feature_growth": round(features_s / max(pipeline_s - features_s, 1e-9), 3),
-                "decode_reference_s": round(decode_reference_s, 4),
-                "decode_s": round(decode_s, 4),
+                "decode_reference_s": round(decode_reference_s, 6),
+                "decode_s": round(decode_s, 6),
                 "decode_speedup": round(decode_reference_s / decode_s, 1),
             }
         )
