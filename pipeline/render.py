@@ -47,9 +47,9 @@ def draw_instances(image: np.ndarray, instances: pd.DataFrame, *, labels: bool =
         rle = {"size": [height, width], "counts": row.rle}
         x0, y0, w, h = (int(v) for v in mask_utils.toBbox(rle))  # the mask's own box
         mask = decode_box(rle, x0, y0, x0 + w, y0 + h)
-        inside = canvas[y0 : y0 + h, x0 : x0 + w]
+        inside, covered = canvas[y0 : y0 + h, x0 : x0 + w], mask.astype(bool)
         colour = np.array(instance_colour(index), np.float32)
-        inside[mask > 0] = (1 - FILL_ALPHA) * inside[mask > 0] + FILL_ALPHA * colour
+        inside[covered] = (1 - FILL_ALPHA) * inside[covered] + FILL_ALPHA * colour
         contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE, offset=(x0, y0))
         cv2.drawContours(outlines, contours, -1, 255, 1)
     out = canvas.round().astype(np.uint8)
