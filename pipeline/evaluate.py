@@ -125,15 +125,7 @@ def _slide_detections(instances: pd.DataFrame, coco: COCO) -> list[dict]:
     detections = []
     for gt_id, group in instances.groupby("gt_id"):
         image = coco.imgs[int(gt_id)]
-        crops = [
-            window_mask_to_slide(
-                mask_utils.decode({"size": [int(r.height), int(r.width)], "counts": r.rle}).astype(bool),
-                r.tile_x0,
-                r.tile_y0,
-                r.tile_downsample,
-            )
-            for r in group.itertuples()
-        ]
+        crops = [_window_mask_on_slide(r) for r in group.itertuples()]
         encoded = masks.encode_crops(crops, (image["height"], image["width"]))
         for row, rle in zip(group.itertuples(), encoded["rle"], strict=True):
             detections.append(
@@ -146,6 +138,16 @@ def _slide_detections(instances: pd.DataFrame, coco: COCO) -> list[dict]:
                 }
             )
     return detections
+
+
+def _window_mask_on_slide(row) -> masks.Crop:
+    """A window row's mask as a crop in level-0 slide pixels, decoded only inside the mask's own
+    box (read from the RLE's runs), not on the whole window."""
+    rle = {"size": [int(row.height), int(row.width)], "counts": row.rle}
+    x, y, width, height = (int(v) for v in mask_utils.toBbox(rle))
+    part = decode_box(rle, x, y, x + width, y + height).astype(bool)
+    downsample = row.tile_downsample
+    return window_mask_to_slide(part, row.tile_x0 + x * downsample, row.tile_y0 + y * downsample, downsample)
 
 
 def coco_ap(

@@ -188,7 +188,10 @@ class Grid:
 def window_mask_to_slide(mask: np.ndarray, tile_x0: float, tile_y0: float, downsample: float):
     """A mask in a window's frame (bool (size, size), as decoded from ``instances.rle``) as a box-local
     :class:`pipeline.masks.Crop` in level-0 slide pixels (resampled, nearest, when ``downsample`` is
-    not 1); for plain images (origin 0, downsample 1) the mask's own box."""
+    not 1); for plain images (origin 0, downsample 1) the mask's own box.
+
+    ``mask`` may also be a part of the window starting at window pixel (x, y): pass
+    ``tile_x0 + x * downsample`` and ``tile_y0 + y * downsample`` as its origin."""
     from pipeline.masks import Crop
 
     rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))

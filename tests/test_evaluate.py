@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
-from pipeline import commit
+from pipeline import commit, masks
 from pipeline.evaluate import (
+    detections_from_instances,
     equivalent_diameters,
     evaluate,
     match_masks,
@@ -18,6 +21,7 @@ from pipeline.evaluate import (
     sweep,
     touching_objects,
 )
+from pipeline.windows import window_mask_to_slide
 from schemas import IMAGES, instances_schema
 from tests.helpers import run_job
 
@@ -164,6 +168,57 @@ def test_touching_means_overlapping_or_within_one_pixel_diagonals_included():
     assert len(spots) == 300 and not touching_objects(spots).any()  # more than a uint8 counts
     assert equivalent_diameters(spots) == pytest.approx(np.full(300, 2 / np.sqrt(np.pi)))
     assert equivalent_diameters([_rle(0, 0, 10, 10)]) == pytest.approx([2 * np.sqrt(100 / np.pi)])
+
+
+def test_window_masks_decoded_in_their_boxes_land_on_the_slide_as_decoded_whole():
+    """Slide rows' masks, decoded only inside their boxes, equal the whole-window decode moved onto
+    the slide (the reference), at downsample 1, 2 and 2.5, windows hanging over the slide's edge,
+    masks on the window's edges, an empty mask."""
+    rng = np.random.default_rng(3)
+    slide_size, window = 300, 64
+    rows = []
+    for k in range(40):
+        mask = np.zeros((window, window), np.uint8, order="F")
+        if k % 10:
+            x, y = rng.integers(-8, window, 2)
+            w, h = rng.integers(1, 30, 2)
+            mask[max(y, 0) : y + h, max(x, 0) : x + w] = 1
+            mask[rng.random((window, window)) < 0.02] = 1  # scattered pixels: many runs, holes
+        rle = mask_utils.encode(mask)
+        rows.append(
+            dict(
+                gt_id=1,
+                label=1,
+                score=1.0 - k / 100,
+                height=window,
+                width=window,
+                rle=rle["counts"].decode("ascii"),
+                x0=0.0,
+                y0=0.0,
+                x1=1.0,
+                y1=1.0,
+                tile_x0=float(rng.integers(-32, slide_size)),
+                tile_y0=float(rng.integers(-32, slide_size)),
+                tile_downsample=(1.0, 2.0, 2.5)[k % 3],
+            )
+        )
+    instances = pd.DataFrame(rows)
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "height": slide_size, "width": slide_size}], "annotations": []}
+    coco.createIndex()
+    got = [d["segmentation"]["counts"] for d in detections_from_instances(instances, coco)]
+    reference = [
+        window_mask_to_slide(
+            mask_utils.decode({"size": [window, window], "counts": r.rle}).astype(bool),
+            r.tile_x0,
+            r.tile_y0,
+            r.tile_downsample,
+        )
+        for r in instances.itertuples()
+    ]
+    want = list(masks.encode_crops(reference, (slide_size, slide_size))["rle"])
+    assert len(got) == 40 and got == want
+    assert sum(mask_utils.area({"size": [slide_size, slide_size], "counts": c}) > 0 for c in got) > 20
 
 
 def test_misses_split_recall_by_size_and_contact_and_name_the_false_instances(archive, tmp_path):
