@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import torch
 
 from pipeline.decode import RawImage, read_and_decode
@@ -50,3 +54,43 @@ def run_job(module: str, *args: str, timeout: int) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
     )
+
+
+def start_segment_driver(source: str, dest: str, model: Path, settings: list) -> subprocess.Popen:
+    """``python -m jobs.segment SOURCE --output DEST --model MODEL SETTINGS`` started quietly in a
+    process group of its own (so its embedded Ray can be found and killed with it), with any
+    ``RAY_ADDRESS`` of the test session removed so the job starts its own Ray."""
+    command = [sys.executable, "-m", "jobs.segment", source, "--output", dest]
+    command += [str(a) for a in [*settings, "--model", model, "--no-progress"]]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def process_group(pgid: int) -> list[psutil.Process]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def wait_for_first_commit(
+    markers: Path | None = None, list_markers: Callable[[], list] | None = None, timeout: float = 120
+) -> None:
+    """Return once a shard's commit marker exists: a ``shard-*.json`` in the local folder
+    ``markers``, or anything ``list_markers()`` returns (for object stores)."""
+    deadline = time.monotonic() + timeout
+    while not (list_markers() if list_markers else list(markers.glob("shard-*.json"))):
+        if time.monotonic() > deadline:
+            raise TimeoutError("no shard committed")
+        time.sleep(0.05)

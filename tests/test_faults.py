@@ -14,8 +14,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,8 +25,8 @@ import pytest
 
 from jobs import segment as segment_job
 from pipeline.synth import tile_paths, write_archive
-from tests.conftest import REPO
 from tests.corpus import MAX_PIXELS, write_corpus
+from tests.helpers import process_group, start_segment_driver, wait_for_first_commit
 
 SETTINGS = ["--shard-size", 2, "--batch-size", 2]
 
@@ -51,14 +49,6 @@ def assert_same_rows(dest, reference, *, ignore=()) -> None:
     images = pd.read_parquet(str(dest) + "/images")
     assert len(images) == images["image_id"].nunique() == 16
     assert (images["status"] == "ok").all()
-
-
-def wait_for_first_commit(markers: Path | None = None, list_markers=None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not (list_markers() if list_markers else list(markers.glob("shard-*.json"))):
-        if time.monotonic() > deadline:
-            raise TimeoutError("no shard committed")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +95,6 @@ def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(
     assert_same_rows(dest, clean_run)
 
 
-def _process_group(pgid: int) -> list[psutil.Process]:
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
-
-
 def _is_ray_worker(proc: psutil.Process) -> bool:
     """A raylet or shard worker still alive; one that exits (or turns zombie) while it is read is not."""
     try:
@@ -128,17 +107,7 @@ def test_a_killed_driver_is_resumed_without_redoing_committed_shards(
     ray_local, slow_archive, random_model_path, clean_run, tmp_path
 ):
     dest = tmp_path / "run"
-    command = [sys.executable, "-m", "jobs.segment", str(slow_archive), "--output", str(dest)]
-    command += [str(a) for a in [*SETTINGS, "--model", random_model_path, "--no-progress"]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    driver = start_segment_driver(str(slow_archive), str(dest), random_model_path, SETTINGS)
     try:
         wait_for_first_commit(dest / "_commits")
         os.kill(driver.pid, signal.SIGKILL)
@@ -146,11 +115,11 @@ def test_a_killed_driver_is_resumed_without_redoing_committed_shards(
         # Its embedded Ray's raylet and workers exit with it (no more commits after
         # that); Ray leaves two idle agent processes behind, which we clean up.
         deadline = time.monotonic() + 30
-        while any(_is_ray_worker(p) for p in _process_group(driver.pid)):
+        while any(_is_ray_worker(p) for p in process_group(driver.pid)):
             assert time.monotonic() < deadline, "the killed driver's Ray kept running"
             time.sleep(0.2)
     finally:
-        for proc in _process_group(driver.pid):
+        for proc in process_group(driver.pid):
             proc.kill()
     markers = {
         p.name.split(".")[0]: json.loads(p.read_text()) for p in (dest / "_commits").glob("shard-*.json")

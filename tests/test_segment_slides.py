@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -39,9 +37,7 @@ from pipeline.stats import per_slide
 from pipeline.synth import slide_annotations
 from pipeline.windows import window_mask_to_slide
 from pipeline.worker import ShardProcessor
-from tests.conftest import REPO
-from tests.helpers import painted_slide
-from tests.test_faults import _process_group, wait_for_first_commit
+from tests.helpers import painted_slide, process_group, start_segment_driver, wait_for_first_commit
 
 SEAM, CORNER = (192, 500, 15), (384, 384, 15)
 """With 256 px windows overlapping by 64 (pitch 192): a nucleus across a seam, one on a four-window corner."""
@@ -244,17 +240,7 @@ def test_a_slide_run_on_s3_killed_mid_slide_and_resumed_equals_the_local_run(
     for path in sorted(slide_folder.iterdir()):
         storage.write_bytes_atomic(f"s3://{s3_bucket}/slides/{path.name}", path.read_bytes())
     dest = f"s3://{s3_bucket}/runs/r1"
-    command = [sys.executable, "-m", "jobs.segment", f"s3://{s3_bucket}/slides", "--output", dest]
-    command += [str(a) for a in [*SETTINGS, "--model", random_model_path, "--no-progress"]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    driver = start_segment_driver(f"s3://{s3_bucket}/slides", dest, random_model_path, SETTINGS)
     fs, prefix = storage.resolve(dest)
     try:
 
@@ -269,7 +255,7 @@ def test_a_slide_run_on_s3_killed_mid_slide_and_resumed_equals_the_local_run(
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(30)
     finally:
-        for proc in _process_group(driver.pid):
+        for proc in process_group(driver.pid):
             proc.kill()
     done = len(committed())
     assert 0 < done < 8  # killed in the middle: 8 shards of 4 windows
