@@ -39,7 +39,7 @@ from pycocotools.cocoeval import COCOeval
 from pipeline import commit, masks, preprocess, storage
 from pipeline.decode import DecodeError, RawImage, read_and_decode
 from pipeline.preprocess import model_input
-from pipeline.rle import decode_box
+from pipeline.rle import decode_box, decode_in_own_box
 from pipeline.slides import Slide, is_slide_candidate
 from pipeline.stats import read_table
 from pipeline.windows import window_mask_to_slide
@@ -142,12 +142,11 @@ def _slide_detections(instances: pd.DataFrame, coco: COCO) -> list[dict]:
 
 def _window_mask_on_slide(row) -> masks.Crop:
     """A window row's mask as a crop in level-0 slide pixels, decoded only inside the mask's own
-    box (read from the RLE's runs), not on the whole window."""
-    rle = {"size": [int(row.height), int(row.width)], "counts": row.rle}
-    x, y, width, height = (int(v) for v in mask_utils.toBbox(rle))
-    part = decode_box(rle, x, y, x + width, y + height).astype(bool)
+    box, not on the whole window."""
+    part, x, y = decode_in_own_box({"size": [int(row.height), int(row.width)], "counts": row.rle})
     downsample = row.tile_downsample
-    return window_mask_to_slide(part, row.tile_x0 + x * downsample, row.tile_y0 + y * downsample, downsample)
+    origin_x, origin_y = row.tile_x0 + x * downsample, row.tile_y0 + y * downsample
+    return window_mask_to_slide(part.astype(bool), origin_x, origin_y, downsample)
 
 
 def coco_ap(

@@ -16,12 +16,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import shapely
-from pycocotools import mask as mask_utils
 
 from pipeline import stats
 from pipeline.decode import DecodeError, RawImage, read_and_decode
 from pipeline.preprocess import Preprocessing, model_input
-from pipeline.rle import decode_box
+from pipeline.rle import decode_in_own_box
 from pipeline.slides import Slide
 from pipeline.stats import read_table
 
@@ -44,10 +43,8 @@ def draw_instances(image: np.ndarray, instances: pd.DataFrame, *, labels: bool =
     outlines = np.zeros(image.shape[:2], np.uint8)
     height, width = image.shape[:2]
     for index, row in enumerate(instances.itertuples()):
-        rle = {"size": [height, width], "counts": row.rle}
-        x0, y0, w, h = (int(v) for v in mask_utils.toBbox(rle))  # the mask's own box
-        mask = decode_box(rle, x0, y0, x0 + w, y0 + h)
-        inside, covered = canvas[y0 : y0 + h, x0 : x0 + w], mask.astype(bool)
+        mask, x0, y0 = decode_in_own_box({"size": [height, width], "counts": row.rle})
+        inside, covered = canvas[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]], mask.astype(bool)
         colour = np.array(instance_colour(index), np.float32)
         inside[covered] = (1 - FILL_ALPHA) * inside[covered] + FILL_ALPHA * colour
         contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE, offset=(x0, y0))

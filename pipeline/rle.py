@@ -32,6 +32,19 @@ def _counts_from_string(counts: str | bytes) -> np.ndarray:
     return np.asarray(values, np.int64)
 
 
+def _mask_pixels(rle: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column (int64, column-major order) of every pixel inside the mask."""
+    height = int(rle["size"][0])
+    counts = rle["counts"]
+    lengths = np.asarray(counts, np.int64) if isinstance(counts, list) else _counts_from_string(counts)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    starts, lengths = starts[1::2], lengths[1::2]  # runs alternate background, mask
+    flat = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    column, row = np.divmod(flat, height)
+    return row, column
+
+
 def decode_box(rle: dict, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
     """``pycocotools.mask.decode(rle)[y0:y1, x0:x1]`` without the full-size canvas.
 
@@ -42,15 +55,20 @@ def decode_box(rle: dict, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
     Returns:
         uint8 (y1 - y0, x1 - x0), 1 inside the mask. Costs O(the mask's area + its runs), not O(H x W).
     """
-    height = int(rle["size"][0])
-    counts = rle["counts"]
-    lengths = np.asarray(counts, np.int64) if isinstance(counts, list) else _counts_from_string(counts)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    starts, lengths = starts[1::2], lengths[1::2]  # runs alternate background, mask
-    flat = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-    column, row = np.divmod(flat, height)
+    row, column = _mask_pixels(rle)
     inside = (column >= x0) & (column < x1) & (row >= y0) & (row < y1)
     crop = np.zeros((y1 - y0, x1 - x0), np.uint8)
     crop[row[inside] - y0, column[inside] - x0] = 1
     return crop
+
+
+def decode_in_own_box(rle: dict) -> tuple[np.ndarray, int, int]:
+    """The mask inside its own bounding box: uint8 (h, w), 1 inside, and the box's x0, y0 in the
+    RLE's frame (pycocotools' ``toBbox`` box). An empty mask gives a (0, 0) array at 0, 0."""
+    row, column = _mask_pixels(rle)
+    if not len(row):
+        return np.zeros((0, 0), np.uint8), 0, 0
+    x0, y0 = int(column.min()), int(row.min())
+    crop = np.zeros((int(row.max()) + 1 - y0, int(column.max()) + 1 - x0), np.uint8)
+    crop[row - y0, column - x0] = 1
+    return crop, x0, y0

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from pipeline.rle import decode_box
+from pipeline.rle import decode_box, decode_in_own_box
 
 
 @settings(max_examples=300, deadline=None)
@@ -18,7 +18,8 @@ from pipeline.rle import decode_box
 )
 def test_a_box_of_an_rle_decodes_as_pycocotools_does_on_the_full_canvas(size, kind, seed):
     """decode_box = mask_utils.decode(rle)[box], for compressed and plain counts, runs that wrap
-    from one column into the next, masks on the border, empty and full boxes."""
+    from one column into the next, masks on the border, empty and full boxes; decode_in_own_box
+    = the mask inside pycocotools' toBbox box."""
     rng = np.random.default_rng(seed)
     height, width = size
     full = {
@@ -36,6 +37,10 @@ def test_a_box_of_an_rle_decodes_as_pycocotools_does_on_the_full_canvas(size, ki
     np.testing.assert_array_equal(decode_box(as_text, 0, 0, width, height), full)
     plain = {"size": [height, width], "counts": _run_lengths(full)}
     np.testing.assert_array_equal(decode_box(plain, x0, y0, x1, y1), expected)
+    bx, by, bw, bh = (int(v) for v in mask_utils.toBbox(rle))
+    own, own_x0, own_y0 = decode_in_own_box(rle)
+    assert (own_x0, own_y0, own.shape) == (bx, by, (bh, bw))
+    np.testing.assert_array_equal(own, full[by : by + bh, bx : bx + bw])
 
 
 def _run_lengths(mask: np.ndarray) -> list[int]:
