@@ -139,8 +139,13 @@ def _pipeline(parser, args) -> int:
 
 def _robustness(parser, args) -> int:
     parser.require_positive(args, "slides", "tiles_per_slide", "size")
-    if args.real is not None and not args.real.is_dir():
-        parser.error(f"--real {args.real} is not a folder")
+    if args.real is not None:
+        from pipeline.evaluate import labelled_images
+
+        if not args.real.is_dir():
+            parser.error(f"--real {args.real} is not a folder")
+        if not labelled_images(args.real):
+            parser.error(f"--real {args.real} has no image with a NAME_labels label image beside it")
     parser.require_fraction(args, "cell_bodies")
     import pandas as pd
 

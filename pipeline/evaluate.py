@@ -505,6 +505,16 @@ def _recall_by_size(objects: pd.DataFrame, bands: int) -> pd.DataFrame:
     return pd.DataFrame([*rows, {"diameter_px": "all", **summary(objects)}])
 
 
+def labelled_images(folder: str | Path, suffix: str = "_labels") -> list[tuple[Path, Path]]:
+    """(image, label image) pairs under ``folder``: ``NAME{suffix}.EXT`` beside an existing ``NAME.EXT``."""
+    pairs = []
+    for label_path in sorted(Path(folder).rglob(f"*{suffix}.*")):
+        image_path = label_path.with_name(label_path.name.replace(suffix, "", 1))
+        if image_path.exists():
+            pairs.append((image_path, label_path))
+    return pairs
+
+
 def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = "_labels") -> Path:
     """An archive with COCO ground truth from a folder of images with instance label images beside them.
 
@@ -519,10 +529,7 @@ def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = 
     """
     folder, dest = Path(folder), Path(dest)
     images, annotations = [], []
-    for label_path in sorted(folder.rglob(f"*{suffix}.*")):
-        image_path = label_path.with_name(label_path.name.replace(suffix, "", 1))
-        if not image_path.exists():
-            continue
+    for image_path, label_path in labelled_images(folder, suffix):
         labels = read_and_decode(str(label_path), max_pixels=2**40)
         if isinstance(labels, DecodeError):
             raise ValueError(f"cannot read label image {label_path}: {labels.kind}: {labels.message}")

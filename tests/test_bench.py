@@ -103,6 +103,13 @@ def test_robustness_archives_take_cell_bodies_where_asked_and_keep_their_shifts(
     )
 
 
+def test_robustness_refuses_a_real_folder_without_label_images_before_any_work(tmp_path):
+    (tmp_path / "a.tif").write_bytes(b"not read")
+    wrong = bench("robustness", "--real", str(tmp_path), timeout=60)
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert wrong.stderr.strip().endswith("has no image with a NAME_labels label image beside it (see --help)")
+
+
 def test_scale_benchmark_plans_generated_listings_and_scans_markers():
     result = bench("scale", "--sizes", "3000,9000", "--markers", "150", "--json", timeout=600)
     assert result.returncode == 0, result.stderr
