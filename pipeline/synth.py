@@ -25,8 +25,10 @@ What a tile holds (each range is per tile unless said):
   domed or rimmed;
 * sparse scatter, touching clusters, and densely packed clumps. The ground
   truth is each nucleus's *visible* region (one owner per pixel, later nuclei
-  on top); a nucleus hidden by more than a third is left out of the tile
-  altogether, so no fragment is ever drawn or annotated;
+  on top); a nucleus that shares more than a third of its area with others,
+  under them or over them, is left out of the tile altogether, so no
+  fragment is drawn and no nucleus sits inside another's outline (which
+  looks like a nucleolus and which no annotator would mark);
 * out-of-focus light: a halo around the nuclei, as a wide-field microscope
   shows (a blurred copy of their emission, a tenth to a half of it, sigma 2
   to 10 px), which belongs to no nucleus;
@@ -61,8 +63,9 @@ from pycocotools import mask as mask_utils
 CLASSES = ("nucleus",)
 """Class names; COCO ``category_id`` and the model's label are index + 1."""
 
-MAX_HIDDEN_FRACTION = 1 / 3
-"""A nucleus whose visible area is below (1 - this) of its full area is dropped."""
+MAX_OVERLAP_FRACTION = 1 / 3
+"""A nucleus sharing more than this fraction of its full area with other nuclei, under them or over
+them, is dropped: neighbours touch and overlap a little, none is hidden or lies on another."""
 
 FILE_TYPES = ("gray8", "rgb8", "gray16", "gray16_low")
 """How a tile is stored: 8-bit grey PNG, 8-bit tinted RGB PNG, 16-bit TIFF using most of its
@@ -289,51 +292,54 @@ def _place_nuclei(rng: np.random.Generator, size: int, look: Appearance, style: 
 
 
 def _resolve_occlusion(nuclei: list[Nucleus], height: int, width: int) -> tuple[list[Nucleus], np.ndarray]:
-    """Drop nuclei hidden by more than MAX_HIDDEN_FRACTION; return survivors and label map.
+    """Drop nuclei that share more than MAX_OVERLAP_FRACTION of their area; return survivors and label map.
+
+    Shared pixels are those another surviving nucleus's full shape also
+    covers, whichever lies on top, so both a nucleus mostly hidden under others
+    and a small one lying on a larger one are dropped. Dropping one only lowers
+    the others' overlap, so the loop drops one at a time, the worst first.
 
     The label map (int32, height x width) holds the survivor's index + 1 at each
-    pixel it owns (later nuclei are on top), 0 for background. Removing a
-    nucleus only uncovers others, so the loop drops one at a time, the most
-    hidden first, until none is hidden too much.
+    pixel it owns (later nuclei are on top), 0 for background.
     """
     shapes = [_shape_mask(n, height, width) for n in nuclei]
     full_area = np.array([m.sum() for m, _, _ in shapes])
     alive = full_area > 0
     boxes = np.array([(x0, y0, x0 + m.shape[1], y0 + m.shape[0]) for m, x0, y0 in shapes]).reshape(-1, 4)
+    cover = np.zeros((height, width), np.int32)
+    for i in np.flatnonzero(alive):
+        mask, x0, y0 = shapes[i]
+        cover[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] += mask
 
-    def paint(region: tuple[int, int, int, int]) -> None:
-        """Paint the alive nuclei that overlap ``region`` (x0, y0, x1, y1) into it, in order."""
-        rx0, ry0, rx1, ry1 = region
-        overlapping = (
-            alive & (boxes[:, 0] < rx1) & (boxes[:, 2] > rx0) & (boxes[:, 1] < ry1) & (boxes[:, 3] > ry0)
-        )
-        for i in np.flatnonzero(overlapping):
-            mask, x0, y0 = shapes[i]
-            cx0, cy0 = max(x0, rx0), max(y0, ry0)
-            cx1, cy1 = min(x0 + mask.shape[1], rx1), min(y0 + mask.shape[0], ry1)
-            view = owner[cy0:cy1, cx0:cx1]
-            view[mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]] = i + 1
+    def shared(i: int) -> int:
+        """Pixels of nucleus ``i`` that another alive nucleus also covers."""
+        mask, x0, y0 = shapes[i]
+        return int((cover[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] > 1).sum())
 
-    owner = np.zeros((height, width), np.int32)
-    paint((0, 0, width, height))
-    visible = np.bincount(owner.ravel(), minlength=len(nuclei) + 1)[1:]
+    def overlapping(box: np.ndarray) -> np.ndarray:
+        """Indices of alive nuclei whose boxes overlap ``box`` (x0, y0, x1, y1)."""
+        x0, y0, x1, y1 = box
+        hits = alive & (boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0)
+        return np.flatnonzero(hits)
+
+    overlap = np.array([shared(i) if alive[i] else 0 for i in range(len(nuclei))], np.int64)
     while len(nuclei):
-        hidden = np.where(alive, 1 - visible / np.maximum(full_area, 1), 0)
-        worst = int(np.argmax(hidden))
-        if hidden[worst] <= MAX_HIDDEN_FRACTION:
+        fraction = np.where(alive, overlap / np.maximum(full_area, 1), 0)
+        worst = int(np.argmax(fraction))
+        if fraction[worst] <= MAX_OVERLAP_FRACTION:
             break
         alive[worst] = False
-        # Removing a nucleus changes ownership only inside its box: repaint that box alone.
-        x0, y0, x1, y1 = boxes[worst]
-        before = owner[y0:y1, x0:x1].copy()
-        owner[y0:y1, x0:x1] = 0
-        paint((x0, y0, x1, y1))
-        visible -= np.bincount(before.ravel(), minlength=len(nuclei) + 1)[1:]
-        visible += np.bincount(owner[y0:y1, x0:x1].ravel(), minlength=len(nuclei) + 1)[1:]
+        mask, x0, y0 = shapes[worst]
+        cover[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] -= mask
+        for i in overlapping(boxes[worst]):
+            overlap[i] = shared(i)
+
+    owner = np.zeros((height, width), np.int32)
     keep = np.flatnonzero(alive)
-    remap = np.zeros(len(nuclei) + 1, np.int32)
-    remap[keep + 1] = np.arange(1, len(keep) + 1)
-    return [nuclei[i] for i in keep], remap[owner]
+    for label, i in enumerate(keep, start=1):
+        mask, x0, y0 = shapes[i]
+        owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] = label
+    return [nuclei[i] for i in keep], owner
 
 
 def _nuclei_signal(rng: np.random.Generator, nuclei: list[Nucleus], owner: np.ndarray) -> np.ndarray:

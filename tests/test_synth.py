@@ -14,10 +14,13 @@ from pipeline.decode import decode_image
 from pipeline.slides import Slide
 from pipeline.synth import (
     FILE_TYPES,
-    MAX_HIDDEN_FRACTION,
+    MAX_OVERLAP_FRACTION,
     SHIFTS,
     TRAINING,
+    Nucleus,
     TileStyle,
+    _place_nuclei,
+    _resolve_occlusion,
     _sample_nucleus,
     _shape_mask,
     _with_cytoplasm,
@@ -82,6 +85,51 @@ def test_tiles_vary_in_file_type_size_brightness_and_touch():
     assert np.median(ratios) >= 5, ratios
 
 
+def _disk(cx: float, cy: float, radius: float) -> Nucleus:
+    return Nucleus(cx, cy, radius, radius, 0.0, (), 1.0, 0.0, 0.1, 0.0, 0)
+
+
+def _shared_fractions(nuclei: list[Nucleus], size: int) -> np.ndarray:
+    """Per nucleus: the fraction of its full shape that another one's full shape also covers."""
+    shapes = [_shape_mask(n, size, size) for n in nuclei]
+    cover = np.zeros((size, size), np.int32)
+    for mask, x0, y0 in shapes:
+        cover[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] += mask
+    return np.array(
+        [
+            (cover[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]][m] > 1).mean() if m.any() else 0.0
+            for m, x0, y0 in shapes
+        ]
+    )
+
+
+def test_a_nucleus_lying_on_another_is_dropped_and_touching_ones_are_kept():
+    """A small nucleus inside a large one's outline looks like a nucleolus: it is never drawn or annotated,
+    whichever lies on top; neighbours that overlap a little at their rims both stay."""
+    large, small = _disk(60, 60, 25), _disk(55, 62, 6)
+    for order in ([large, small], [small, large]):
+        survivors, owner = _resolve_occlusion(order, 128, 128)
+        assert survivors == [large]
+        assert (owner == 1).sum() == _shape_mask(large, 128, 128)[0].sum()
+    rim = _disk(60 + 25 + 6 - 3, 60, 6)  # overlaps the large one by 3 px of its 12 px width
+    survivors, owner = _resolve_occlusion([large, rim], 128, 128)
+    assert survivors == [large, rim] and set(np.unique(owner)) == {0, 1, 2}
+
+
+def test_no_surviving_nucleus_shares_more_than_the_allowed_fraction_of_its_area():
+    """Over the clumps of many training tiles; the rule drops some nuclei there, so it is exercised."""
+    dropped = 0
+    for tile in range(12):
+        rng = np.random.default_rng([5, 0, tile])
+        style = TileStyle.draw(rng, TRAINING)
+        placed = _place_nuclei(rng, 256, TRAINING, style)
+        survivors, owner = _resolve_occlusion(placed, 256, 256)
+        dropped += len(placed) - len(survivors)
+        assert _shared_fractions(survivors, 256).max(initial=0) <= MAX_OVERLAP_FRACTION
+        assert owner.max() == len(survivors)
+    assert dropped > 0
+
+
 def test_low_range_16_bit_tiles_use_a_small_part_of_the_type():
     for tile in range(30):
         rendered = render_tile(0, 0, tile, 128)
@@ -100,7 +148,7 @@ def test_shifts_lie_outside_the_training_ranges():
             or getattr(look, field)[1] < getattr(TRAINING, field)[0]
         ]
         assert outside, f"shift {name} lies inside the training ranges"
-    assert 0 < MAX_HIDDEN_FRACTION < 0.5
+    assert 0 < MAX_OVERLAP_FRACTION < 0.5
 
 
 def test_some_training_tiles_are_background_only_and_the_others_do_not_depend_on_the_fraction():
