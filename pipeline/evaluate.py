@@ -311,7 +311,8 @@ def _count_table(
 
 def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
     """Per score threshold: instances kept, objects, true positives at mask IoU 0.5 (greedy by score,
-    :func:`match_masks`), precision and recall; slide windows' masks are moved onto the slide first.
+    :func:`match_masks`), precision, recall and F1 (2 TP / (instances + objects), the criterion the
+    card's default threshold is chosen by); slide windows' masks are moved onto the slide first.
 
     Raises:
         ValueError: a threshold is below the run's own score threshold (those
@@ -338,6 +339,7 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
                 "true_positives": true_positives,
                 "precision": true_positives / kept if kept else 1.0,
                 "recall": true_positives / n_gt if n_gt else 1.0,
+                "f1": 2 * true_positives / (kept + n_gt) if kept + n_gt else 1.0,
             }
         )
     return pd.DataFrame(rows)
@@ -563,7 +565,8 @@ def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = 
 
 
 def plot_sweep(table: pd.DataFrame, path: str) -> None:
-    """Two panels: instance count (with the ground-truth count) and precision / recall against threshold."""
+    """Two panels: instance count (with the ground-truth count) and precision / recall / F1 against
+    threshold, the F1-best threshold marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -576,7 +579,10 @@ def plot_sweep(table: pd.DataFrame, path: str) -> None:
     left.legend()
     right.plot(table["score_threshold"], table["precision"], "o-", label="precision")
     right.plot(table["score_threshold"], table["recall"], "s-", label="recall")
-    right.set(xlabel="score threshold", ylim=(0, 1.02), title="Precision / recall at mask IoU 0.5")
+    best = table.loc[table["f1"].idxmax()]
+    right.plot(table["score_threshold"], table["f1"], "^-", label=f"F1 (best {best['score_threshold']:g})")
+    right.axvline(best["score_threshold"], color="grey", ls=":")
+    right.set(xlabel="score threshold", ylim=(0, 1.02), title="Precision / recall / F1 at mask IoU 0.5")
     right.legend()
     fig.tight_layout()
     fig.savefig(path)

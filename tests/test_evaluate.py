@@ -118,6 +118,12 @@ def test_sweep_counts_and_matches(archive, tmp_path):
     table = sweep(str(tmp_path / "perfect"), str(archive / "annotations.json"), [0.5, 1.0])
     assert table["instances"].tolist() == [len(coco["annotations"])] * 2
     assert table["precision"].tolist() == [1.0, 1.0] and table["recall"].tolist() == [1.0, 1.0]
+    assert table["f1"].tolist() == [1.0, 1.0]
+
+    write_run_from_ground_truth(archive, tmp_path / "half", drop_every=2)
+    half = sweep(str(tmp_path / "half"), str(archive / "annotations.json"), [0.5]).iloc[0]
+    assert half["precision"] == 1.0 and 0.4 < half["recall"] < 0.6
+    assert half["f1"] == pytest.approx(2 * half["recall"] / (1 + half["recall"]))
 
 
 def test_sweep_below_the_runs_own_score_threshold_is_refused(archive, tmp_path):
