@@ -283,12 +283,13 @@ def test_a_slide_run_is_scored_against_truth_in_slide_coordinates(ray_local, sea
     scores, tables = evaluate(str(dest), str(tmp_path / "truth.json"))
     assert scores["segm.AP50"] > 0.9 and scores["count.mae"] <= 1
     assert tables["counts"]["gt_count"].tolist() == [len(DISCS)]
-    swept = sweep(str(dest), str(tmp_path / "truth.json"), [0.5, 1.01]).set_index("score_threshold")
-    assert swept.loc[0.5, "recall"] > 0.9 and swept.loc[0.5, "precision"] > 0.9
+    kept = json.loads((dest / "run.json").read_text())["settings"]["score_threshold"]  # the card's
+    swept = sweep(str(dest), str(tmp_path / "truth.json"), [kept, 1.01]).set_index("score_threshold")
+    assert swept.loc[kept, "recall"] > 0.9 and swept.loc[kept, "precision"] > 0.9
     assert swept.loc[1.01, "instances"] == 0 and swept.loc[1.01, "ground_truth"] == len(DISCS)
-    recall = misses(str(dest), str(tmp_path / "truth.json"), score_threshold=0.5)["recall"]
+    recall = misses(str(dest), str(tmp_path / "truth.json"), score_threshold=kept)["recall"]
     recall = recall.set_index("diameter_px")
-    assert recall.loc["all", "recall"] == pytest.approx(swept.loc[0.5, "recall"])
+    assert recall.loc["all", "recall"] == pytest.approx(swept.loc[kept, "recall"])
 
 
 def test_render_draws_a_density_heatmap_and_a_full_resolution_region(local_slide_run, slide_folder, tmp_path):
