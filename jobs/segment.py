@@ -29,9 +29,19 @@ def _parser() -> ArgumentParser:
     model = parser.add_argument_group("model (pinned in run.json)")
     model.add_argument("--model", help="checkpoint path/URI or torchvision:NAME (default: the bundled model)")
     model.add_argument("--weights", help="for torchvision:NAME: DEFAULT (local cache) or a state-dict path")
-    model.add_argument("--score-threshold", type=float, help="minimum detection score (card default 0.5)")
-    model.add_argument("--mask-threshold", type=float, help="mask probability threshold (card default 0.5)")
-    model.add_argument("--max-detections", type=int, help="instances per image cap (card default 500)")
+    model.add_argument(
+        "--score-threshold",
+        type=float,
+        help="minimum detection score (default: the card's; bundled model 0.8)",
+    )
+    model.add_argument(
+        "--mask-threshold",
+        type=float,
+        help="mask probability threshold (default: the card's; bundled model 0.5)",
+    )
+    model.add_argument(
+        "--max-detections", type=int, help="instances per image cap (default: the card's; bundled model 500)"
+    )
     model.add_argument(
         "--overlap-suppression",
         type=float,
