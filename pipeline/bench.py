@@ -422,7 +422,7 @@ def bench_pipeline(
 
 
 def _ap(scores: dict[str, float], key: str, truth: int) -> float | None:
-    """A rounded AP, or None where the archive holds no true instance (AP is undefined)."""
+    """A rounded AP or F1, or None where the archive holds no true instance (undefined or meaningless)."""
     return round(scores[key], 3) if truth else None
 
 
@@ -465,7 +465,8 @@ def bench_robustness(
 
     Returns one dict per archive: ``archive``, ``images``, ``enlarged`` (the fraction of images the
     model saw enlarged), ``instances``,
-    ``truth`` (ground-truth instances), ``AP50``, ``AP`` (mask), ``count_mae``,
+    ``truth`` (ground-truth instances), ``AP50``, ``AP`` (mask), ``F1`` (mask IoU 0.5, one-to-one),
+    ``count_mae``,
     ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
     (the APs are None for an archive without a true instance).
     """
@@ -508,6 +509,7 @@ def bench_robustness(
                     "truth": truth,
                     "AP50": _ap(scores, "agnostic.segm.AP50", truth),
                     "AP": _ap(scores, "agnostic.segm.AP", truth),
+                    "F1": _ap(scores, "match.f1", truth),
                     "count_mae": round(scores["count.mae"], 2),
                     "count_bias": round(scores["count.bias"], 2),
                     "baseline_AP50": _ap(scores, "baseline.segm.AP50", truth),

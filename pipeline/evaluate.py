@@ -4,6 +4,11 @@
   ``maxDets`` raised to :data:`MAX_DETECTIONS` (dense tiles have more than 100
   objects). AP is read from ``eval["precision"]`` at the largest ``maxDets``
   (``stats[0]`` would ask for 100 and return -1).
+* Matching: precision, recall and F1 of every stored instance at mask IoU
+  0.5 (greedy one-to-one matching by score, class-agnostic; StarDist's and
+  the cell-tracking challenges' figure). Unlike AP, F1 has no recall grid:
+  COCOeval samples precision at 101 recall points, so a run stopped at a
+  score threshold gains or loses 1/101 of AP as its last recall crosses one.
 * Counting: per-image count error of the run against the ground truth, overall
   and on dense tiles (ground-truth count at or above the 75th percentile);
   per-slide and per-class counts.
@@ -267,6 +272,11 @@ def evaluate(dest: str, annotations: str) -> tuple[dict[str, float], dict[str, p
             scores[f"{iou_type}.{key}"] = value
     agnostic = coco_ap(coco, detections, image_ids, "segm", use_cats=False)
     scores["agnostic.segm.AP"], scores["agnostic.segm.AP50"] = agnostic["AP"], agnostic["AP50"]
+    ranked = _ranked_detections(detections, image_ids)
+    truth_masks = {gt_id: _object_masks(coco, gt_id) for gt_id in ranked}
+    kept, true_positives = _matched(ranked, truth_masks, -np.inf)
+    n_objects = sum(len(objects) for objects in truth_masks.values())
+    scores.update({f"match.{k}": v for k, v in _precision_recall_f1(kept, true_positives, n_objects).items()})
 
     truth = ground_truth_counts(coco, image_ids)
     truth_per_image = truth.groupby("gt_id").size().reindex(sorted(image_ids), fill_value=0)
@@ -320,29 +330,47 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
     """
     _check_stored(dest, min(thresholds), "to sweep from")
     matched = load(dest, annotations)
-    ranked = _ranked_detections(matched.instances, matched.coco, matched.images["gt_id"])
+    detections = detections_from_instances(matched.instances, matched.coco)
+    ranked = _ranked_detections(detections, matched.images["gt_id"])
     truth = {gt_id: _object_masks(matched.coco, gt_id) for gt_id in ranked}
     n_gt = sum(len(objects) for objects in truth.values())
     rows = []
     for threshold in thresholds:
-        kept, true_positives = 0, 0
-        for gt_id, (scores, rles) in ranked.items():
-            n = int(np.searchsorted(-scores, -threshold, side="right"))
-            match, _ = match_masks(rles[:n], truth[gt_id])
-            kept += n
-            true_positives += int((match >= 0).sum())
+        kept, true_positives = _matched(ranked, truth, threshold)
         rows.append(
             {
                 "score_threshold": round(float(threshold), 4),
                 "instances": kept,
                 "ground_truth": n_gt,
                 "true_positives": true_positives,
-                "precision": true_positives / kept if kept else 1.0,
-                "recall": true_positives / n_gt if n_gt else 1.0,
-                "f1": 2 * true_positives / (kept + n_gt) if kept + n_gt else 1.0,
+                **_precision_recall_f1(kept, true_positives, n_gt),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _matched(
+    ranked: dict[int, tuple[np.ndarray, list[dict]]], truth: dict[int, list[dict]], threshold: float
+) -> tuple[int, int]:
+    """(instances scoring at least ``threshold``, how many of them :func:`match_masks` pairs with an
+    object), over the images of ``ranked`` (:func:`_ranked_detections`) and their ``truth`` RLEs."""
+    kept, true_positives = 0, 0
+    for gt_id, (scores, rles) in ranked.items():
+        n = int(np.searchsorted(-scores, -threshold, side="right"))
+        match, _ = match_masks(rles[:n], truth[gt_id])
+        kept += n
+        true_positives += int((match >= 0).sum())
+    return kept, true_positives
+
+
+def _precision_recall_f1(instances: int, true_positives: int, objects: int) -> dict[str, float]:
+    """Precision, recall and F1 (2 TP / (instances + objects)) of a one-to-one matching; 1.0 where
+    the denominator is 0 (nothing to find and nothing found)."""
+    return {
+        "precision": true_positives / instances if instances else 1.0,
+        "recall": true_positives / objects if objects else 1.0,
+        "f1": 2 * true_positives / (instances + objects) if instances + objects else 1.0,
+    }
 
 
 def _check_stored(dest: str, threshold: float, purpose: str) -> None:
@@ -361,14 +389,12 @@ def _object_masks(coco: COCO, image_id: int) -> list[dict]:
     return [coco.annToRLE(a) for a in coco.imgToAnns.get(int(image_id), []) if not a.get("iscrowd", 0)]
 
 
-def _ranked_detections(
-    instances: pd.DataFrame, coco: COCO, gt_ids
-) -> dict[int, tuple[np.ndarray, list[dict]]]:
-    """Per ground-truth image ``gt_ids`` (those without an instance too): its detections' scores
-    (float64, descending) and COCO RLEs in the image's own frame (slide windows moved onto the
-    slide), in that order."""
+def _ranked_detections(detections: list[dict], gt_ids) -> dict[int, tuple[np.ndarray, list[dict]]]:
+    """Per ground-truth image ``gt_ids`` (those without an instance too): its ``detections``'
+    (:func:`detections_from_instances`) scores (float64, descending) and COCO RLEs in the image's
+    own frame, in that order."""
     ranked: dict[int, tuple[list, list]] = {int(i): ([], []) for i in gt_ids}
-    for detection in sorted(detections_from_instances(instances, coco), key=lambda d: -d["score"]):
+    for detection in sorted(detections, key=lambda d: -d["score"]):
         scores, rles = ranked[detection["image_id"]]
         scores.append(detection["score"])
         rles.append(detection["segmentation"])
@@ -454,7 +480,7 @@ def misses(
     coco, instances = matched.coco, matched.instances
     if score_threshold is not None:
         instances = instances[instances["score"] >= score_threshold]
-    ranked = _ranked_detections(instances, coco, matched.images["gt_id"])
+    ranked = _ranked_detections(detections_from_instances(instances, coco), matched.images["gt_id"])
     objects, kinds = [], []
     for gt_id in sorted(ranked):
         truth = _object_masks(coco, gt_id)

@@ -107,10 +107,14 @@ def test_ground_truth_scores_one_and_missing_instances_score_lower(archive, tmp_
     assert (tables["counts"]["error"] == 0).all()
     assert tables["counts"]["gt_count"].sum() == len(coco["annotations"])
     assert 0 <= scores["baseline.segm.AP"] < 1 and scores["baseline.count.mae"] > 0
+    assert [scores[f"match.{k}"] for k in ("precision", "recall", "f1")] == [1.0, 1.0, 1.0]
 
     write_run_from_ground_truth(archive, tmp_path / "half", drop_every=2)
     half, _ = evaluate(str(tmp_path / "half"), str(archive / "annotations.json"))
     assert half["segm.AP"] < 0.8 and half["count.mae"] > 0 and half["count.bias"] < 0
+    swept = sweep(str(tmp_path / "half"), str(archive / "annotations.json"), [0.0]).iloc[0]
+    assert half["match.precision"] == 1.0 and 0.4 < half["match.recall"] < 0.6
+    assert half["match.recall"] == swept["recall"] and half["match.f1"] == swept["f1"]
 
 
 def test_sweep_counts_and_matches(archive, tmp_path):
