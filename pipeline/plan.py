@@ -121,6 +121,22 @@ def iter_images(
     return (uri for uri, _ in iter_listing(source, listers=listers, filesystem=filesystem))
 
 
+def check_source(source: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """``source``'s filesystem and path, after one request that it is a folder or prefix (the segment
+    job asks before it starts Ray, so a mistyped source fails at once).
+
+    Raises:
+        PlanError: the source does not exist or is not a folder/prefix.
+    """
+    fs, root = (filesystem, source) if filesystem is not None else storage.resolve(source)
+    info = storage.retry_transient(lambda: fs.get_file_info(root))
+    if info.type == pafs.FileType.NotFound:
+        raise PlanError(f"source {storage.redact(source)} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise PlanError(f"source {storage.redact(source)} is not a folder or prefix")
+    return fs, root
+
+
 def iter_listing(
     source: str, *, listers: int = LISTERS, filesystem: pafs.FileSystem | None = None
 ) -> Iterator[tuple[str, int | None]]:
@@ -137,12 +153,7 @@ def iter_listing(
     Raises:
         PlanError: the source does not exist or is not a folder/prefix.
     """
-    fs, root = (filesystem, source) if filesystem is not None else storage.resolve(source)
-    info = storage.retry_transient(lambda: fs.get_file_info(root))
-    if info.type == pafs.FileType.NotFound:
-        raise PlanError(f"source {storage.redact(source)} does not exist")
-    if info.type != pafs.FileType.Directory:
-        raise PlanError(f"source {storage.redact(source)} is not a folder or prefix")
+    fs, root = check_source(source, filesystem)
     top = storage.retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root)))
     # A folder's paths all start with "name/": sorting the top level by that key keeps global order.
     top = sorted(

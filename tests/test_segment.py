@@ -261,6 +261,34 @@ def test_usage_errors_are_one_line_and_exit_2(args, message, archive, tmp_path):
     assert message in lines[0] and "Traceback" not in result.stderr
 
 
+def test_a_missing_or_file_source_is_refused_before_ray_starts(tmp_path):
+    """One request answers whether the source is a folder; a typo never waits for Ray and replicas."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    script = (
+        "import sys, ray\n"
+        "from pipeline import segment\n"
+        "from pipeline.plan import PlanError\n"
+        "try:\n"
+        "    pinned = segment.PinnedSettings(source=sys.argv[1])\n"
+        "    segment.new_run(sys.argv[2], pinned, segment.ExecutionSettings())\n"
+        "except PlanError as exc:\n"
+        "    print(exc, ray.is_initialized())\n"
+    )
+    refused = {"nope": "does not exist", "a.png": "not a folder or prefix"}
+    for name, message in refused.items():
+        source = tmp_path / name
+        dest = tmp_path / f"run-{source.name}"
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(source), str(dest)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert result.stdout.strip().endswith(f"{message} False"), result.stdout + result.stderr
+        assert not dest.exists()
+
+
 def test_stats_job_prints_the_table_and_writes_files(finished_run, tmp_path, capsys):
     assert stats_job.main([str(finished_run)]) == 0
     printed = capsys.readouterr().out
