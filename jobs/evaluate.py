@@ -1,5 +1,4 @@
-"""Score a run against COCO ground truth: COCOeval, F1 at mask IoU 0.5, counting, the connected-components
-baseline.
+"""Score a run against COCO ground truth: COCOeval, F1 at mask IoU 0.5, counts, the Otsu baseline.
 
 python -m jobs.evaluate DEST --annotations coco.json [--json]
 python -m jobs.evaluate DEST --annotations coco.json --sweep 0.3:0.9:0.1 [--plot sweep.png]

@@ -421,7 +421,7 @@ def bench_pipeline(
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _ap(scores: dict[str, float], key: str, truth: int) -> float | None:
+def _score_or_none(scores: dict[str, float], key: str, truth: int) -> float | None:
     """A rounded AP or F1, or None where the archive holds no true instance (undefined or meaningless)."""
     return round(scores[key], 3) if truth else None
 
@@ -507,13 +507,13 @@ def bench_robustness(
                     "enlarged": round(float((scales > 1).mean()), 3),
                     "instances": int(scores["instances"]),
                     "truth": truth,
-                    "AP50": _ap(scores, "agnostic.segm.AP50", truth),
-                    "AP": _ap(scores, "agnostic.segm.AP", truth),
-                    "F1": _ap(scores, "match.f1", truth),
+                    "AP50": _score_or_none(scores, "agnostic.segm.AP50", truth),
+                    "AP": _score_or_none(scores, "agnostic.segm.AP", truth),
+                    "F1": _score_or_none(scores, "match.f1", truth),
                     "count_mae": round(scores["count.mae"], 2),
                     "count_bias": round(scores["count.bias"], 2),
-                    "baseline_AP50": _ap(scores, "baseline.segm.AP50", truth),
-                    "baseline_AP": _ap(scores, "baseline.segm.AP", truth),
+                    "baseline_AP50": _score_or_none(scores, "baseline.segm.AP50", truth),
+                    "baseline_AP": _score_or_none(scores, "baseline.segm.AP", truth),
                     "baseline_count_mae": round(scores["baseline.count.mae"], 2),
                 }
             )

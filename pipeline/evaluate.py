@@ -272,10 +272,8 @@ def evaluate(dest: str, annotations: str) -> tuple[dict[str, float], dict[str, p
             scores[f"{iou_type}.{key}"] = value
     agnostic = coco_ap(coco, detections, image_ids, "segm", use_cats=False)
     scores["agnostic.segm.AP"], scores["agnostic.segm.AP50"] = agnostic["AP"], agnostic["AP50"]
-    ranked = _ranked_detections(detections, image_ids)
-    truth_masks = {gt_id: _object_masks(coco, gt_id) for gt_id in ranked}
+    ranked, truth_masks, n_objects = _ranked_with_truth(detections, coco, image_ids)
     kept, true_positives = _matched(ranked, truth_masks, -np.inf)
-    n_objects = sum(len(objects) for objects in truth_masks.values())
     scores.update({f"match.{k}": v for k, v in _precision_recall_f1(kept, true_positives, n_objects).items()})
 
     truth = ground_truth_counts(coco, image_ids)
@@ -331,9 +329,7 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
     _check_stored(dest, min(thresholds), "to sweep from")
     matched = load(dest, annotations)
     detections = detections_from_instances(matched.instances, matched.coco)
-    ranked = _ranked_detections(detections, matched.images["gt_id"])
-    truth = {gt_id: _object_masks(matched.coco, gt_id) for gt_id in ranked}
-    n_gt = sum(len(objects) for objects in truth.values())
+    ranked, truth, n_gt = _ranked_with_truth(detections, matched.coco, matched.images["gt_id"])
     rows = []
     for threshold in thresholds:
         kept, true_positives = _matched(ranked, truth, threshold)
@@ -347,6 +343,16 @@ def sweep(dest: str, annotations: str, thresholds: list[float]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _ranked_with_truth(
+    detections: list[dict], coco: COCO, gt_ids
+) -> tuple[dict[int, tuple[np.ndarray, list[dict]]], dict[int, list[dict]], int]:
+    """What :func:`_matched` takes: :func:`_ranked_detections` of ``detections``, each image's object
+    RLEs (:func:`_object_masks`), and the number of objects."""
+    ranked = _ranked_detections(detections, gt_ids)
+    truth = {gt_id: _object_masks(coco, gt_id) for gt_id in ranked}
+    return ranked, truth, sum(len(objects) for objects in truth.values())
 
 
 def _matched(
