@@ -19,12 +19,9 @@ from jobs._cli import ArgumentParser, scale_factor
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imports are inside: `scale` plans in a fresh process that re-imports this module and must
-    # not load torch (it measures the driver's memory, and the driver does not import torch).
-    import torch
-
-    from pipeline.bench import MASK_CASES
-
+    # Imports are inside, after the arguments are checked: a wrong flag is refused in a second, not
+    # after torch's import (seconds); and `scale` plans in a fresh process that re-imports this
+    # module and must not load torch (it measures the driver's memory; the driver never imports it).
     parser = ArgumentParser(prog="jobs.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     masks = sub.add_parser("masks", help="box-local encoding vs paste_masks_in_image + pycocotools + cv2")
@@ -81,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     slide.add_argument("--batch-size", type=int, default=4)
     slide.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args(argv)
-    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    if getattr(args, "device", "cpu") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda but CUDA is not available")
     if args.name == "pipeline":
         return _pipeline(parser, args)
     if args.name == "robustness":
@@ -91,16 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         return _scale(parser, args)
     if args.name == "slide":
         return _slide(parser, args)
-    cases = MASK_CASES
+    cases = None
     if args.cases:
         try:
             cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
         except ValueError:
             parser.error(f"--cases takes SIZExCOUNT[,SIZExCOUNT...], got {args.cases!r}")
     parser.require_positive(args, "repeats")
-    from pipeline.bench import bench_masks
+    import torch
 
-    results = bench_masks(cases, device=args.device, repeats=args.repeats)
+    from pipeline.bench import MASK_CASES, bench_masks
+
+    results = bench_masks(cases or MASK_CASES, device=args.device, repeats=args.repeats)
     if args.json:
         for result in results:
             print(json.dumps(result))

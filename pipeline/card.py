@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline import preprocess
+import pyarrow.fs as pafs
+
+from pipeline import preprocess, storage
 from pipeline.preprocess import Preprocessing
 from schemas import SCHEMA_VERSION
 
@@ -22,6 +24,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be resolved or a checkpoint that cannot be loaded safely."""
+
+
+def check_model_file(spec: str | None) -> None:
+    """Refuse a checkpoint path or URI that does not name a file, after one request (the segment job
+    asks before it starts Ray, so a mistyped ``--model`` fails at once, not after the replicas start).
+
+    The bundled model (None) and ``torchvision:NAME`` are not files; they, and a file that cannot be
+    read or is no checkpoint, are reported where the model loads.
+
+    Raises:
+        ModelLoadError: nothing at ``spec``, or a folder.
+    """
+    if spec is None or spec.startswith("torchvision:"):
+        return
+    try:
+        fs, path = storage.resolve(spec)
+        info = storage.retry_transient(lambda: fs.get_file_info(path))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read model {storage.redact(spec)}: {exc}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ModelLoadError(f"cannot read model {storage.redact(spec)}: it does not exist")
+    if info.type != pafs.FileType.File:
+        raise ModelLoadError(f"cannot read model {storage.redact(spec)}: a folder, not a checkpoint file")
 
 
 @dataclass(frozen=True)

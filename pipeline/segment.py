@@ -44,7 +44,7 @@ from importlib import metadata
 from typing import Any
 
 from pipeline import commit, storage
-from pipeline.card import InferenceSettings, ModelCard, ModelLoadError
+from pipeline.card import InferenceSettings, ModelCard, ModelLoadError, check_model_file
 from pipeline.decode import RawImage, read_and_decode
 from pipeline.plan import ManifestReader, ManifestWriter, Plan, check_source, write_slides
 from pipeline.preprocess import with_channel
@@ -614,6 +614,7 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
     started = time.monotonic()
     _check_new_dest(dest)
     check_source(pinned.source)
+    check_model_file(pinned.model)
     connect_ray(execution.address)
     replicas = _Replicas(dest, execution)
     try:
@@ -706,6 +707,7 @@ def resume(
     if not todo:
         report.wall_s = time.monotonic() - started
         return report
+    check_model_file(pinned.model)
     connect_ray(execution.address)
     replicas = _Replicas(dest, execution, at_most=len(todo))
     try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 
+from tests.conftest import REPO
 from tests.helpers import run_job
 
 
@@ -133,3 +135,28 @@ def test_slide_benchmark_reports_the_fields_units(random_model_path):
         assert row[key] > 0, key
     assert 0 <= row["background_skipped"] < 1 and row["windows"] > 0 and row["peak_rss_bytes"] > 0
     assert row["cells_per_s"] >= 0 and row["geojson_features_per_s"] >= 0
+
+
+def test_a_wrong_flag_is_refused_before_torch_is_imported():
+    """Flags are checked before the heavy imports: exit 2 at once, torch never loaded."""
+    script = (
+        "import sys\n"
+        "from jobs import bench\n"
+        "try:\n"
+        "    bench.main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, 'torch' in sys.modules)\n"
+    )
+    wrong = (
+        ["masks", "--cases", "12x"],
+        ["masks", "--repeats", "0"],
+        ["pipeline", "--images", "0"],
+        ["robustness", "--cell-bodies", "2"],
+        ["scale", "--sizes", "ten"],
+        ["slide", "--tile-size", "64"],
+    )
+    for args in wrong:
+        result = subprocess.run(
+            [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
+        assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)

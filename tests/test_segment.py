@@ -177,6 +177,11 @@ def test_resume_refuses_a_model_that_changed_and_leaves_no_replica_behind(
             break
         time.sleep(0.5)
     assert not replicas, replicas
+    run_json["settings"]["model"] = str(tmp_path / "deleted.pt")  # as if the checkpoint was deleted
+    (dest / "run.json").write_text(json.dumps(run_json))
+    assert run("--resume", dest) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("deleted.pt: it does not exist") and len(err.splitlines()) == 1
 
 
 def test_failing_shard_is_retried_then_failed_with_resume_command(
@@ -261,25 +266,32 @@ def test_usage_errors_are_one_line_and_exit_2(args, message, archive, tmp_path):
     assert message in lines[0] and "Traceback" not in result.stderr
 
 
-def test_a_missing_or_file_source_is_refused_before_ray_starts(tmp_path):
-    """One request answers whether the source is a folder; a typo never waits for Ray and replicas."""
+def test_a_missing_source_or_model_is_refused_before_ray_starts(archive, tmp_path):
+    """One request each answers whether the source is a folder and the model a file; a typo never
+    waits for Ray and replicas."""
     (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "folder.pt").mkdir()
     script = (
         "import sys, ray\n"
         "from pipeline import segment\n"
+        "from pipeline.card import ModelLoadError\n"
         "from pipeline.plan import PlanError\n"
         "try:\n"
-        "    pinned = segment.PinnedSettings(source=sys.argv[1])\n"
+        "    pinned = segment.PinnedSettings(source=sys.argv[1], model=sys.argv[3] or None)\n"
         "    segment.new_run(sys.argv[2], pinned, segment.ExecutionSettings())\n"
-        "except PlanError as exc:\n"
+        "except (PlanError, ModelLoadError) as exc:\n"
         "    print(exc, ray.is_initialized())\n"
     )
-    refused = {"nope": "does not exist", "a.png": "not a folder or prefix"}
-    for name, message in refused.items():
-        source = tmp_path / name
-        dest = tmp_path / f"run-{source.name}"
+    refused = {
+        (tmp_path / "nope", ""): "does not exist",
+        (tmp_path / "a.png", ""): "not a folder or prefix",
+        (archive, tmp_path / "missing.pt"): f"cannot read model {tmp_path / 'missing.pt'}: it does not exist",
+        (archive, tmp_path / "folder.pt"): "a folder, not a checkpoint file",
+    }
+    for k, ((source, model), message) in enumerate(refused.items()):
+        dest = tmp_path / f"run-{k}"
         result = subprocess.run(
-            [sys.executable, "-c", script, str(source), str(dest)],
+            [sys.executable, "-c", script, str(source), str(dest), str(model)],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -438,7 +450,7 @@ def test_a_bad_model_is_a_one_line_error_from_the_driver(ray_local, archive, tmp
     assert "not a weights-only checkpoint" in err and len(err.splitlines()) == 1
     assert not marker.exists()
     assert run(archive, "--output", tmp_path / "r2", "--model", tmp_path / "missing.pt") == 2
-    assert "cannot read model" in capsys.readouterr().err
+    assert "cannot read model" in capsys.readouterr().err  # (refused before Ray, see above)
 
 
 def test_the_driver_does_not_import_torch():
