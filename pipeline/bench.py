@@ -2,7 +2,7 @@
 
 ``masks``: torchvision's full-canvas route (``paste_masks_in_image``, threshold,
 ``pycocotools.mask.encode`` of full masks, ``cv2.findContours`` on full masks)
-against :func:`pipeline.masks.encode` on the same inputs, asserting identical
+against :func:`pipeline.paste.encode` on the same inputs, asserting identical
 RLE strings.
 
 ``pipeline``: the bare forward pass over preloaded, already-decoded tensors
@@ -42,7 +42,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from pipeline import evaluate, features, masks, segment, synth
+from pipeline import evaluate, features, masks, paste, segment, synth
 from pipeline.infer import detect
 from pipeline.model import resolve_model
 from pipeline.plan import plain_image_row
@@ -100,7 +100,7 @@ def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 
 def feature_seconds(probs, boxes, image_size, threshold: float, pixels: np.ndarray, repeats: int) -> float:
     """Best-of seconds of the shape and intensity features alone, on the crops ``encode`` makes."""
-    crops = masks.paste_on_device(probs, boxes, image_size, threshold)
+    crops = paste.paste_on_device(probs, boxes, image_size, threshold)
     atlas = masks.CropAtlas.pack(crops)
     runs = masks.ColumnRuns.of(atlas)
     n = len(crops)
@@ -144,7 +144,7 @@ def decode_seconds(rles: list[str], boxes: np.ndarray, image_size: tuple[int, in
 def bench_masks(
     cases=MASK_CASES, *, device: str = "cpu", threshold: float = 0.5, repeats: int = 3
 ) -> list[dict[str, float]]:
-    """Time per image of the reference and of :func:`pipeline.masks.encode` for each case.
+    """Time per image of the reference and of :func:`pipeline.paste.encode` for each case.
 
     The pipeline encodes with the intensity features on a two-channel 16-bit
     image (what the segment job does); ``features_s`` times the shape and
@@ -163,7 +163,7 @@ def bench_masks(
         pixels = np.random.default_rng(size).integers(0, 4096, (size, size, 2)).astype(np.uint16)
         args = (probs, boxes, image_size, threshold)
         reference_s, reference = _best_of(partial(reference_encode, *args), max(1, repeats // 3))
-        pipeline_s, ours = _best_of(partial(masks.encode, *args, pixels), repeats)
+        pipeline_s, ours = _best_of(partial(paste.encode, *args, pixels), repeats)
         if reference != ours["rle"]:
             differing = sum(a != b for a, b in zip(reference, ours["rle"], strict=True))
             raise AssertionError(f"{differing} of {count} RLE strings differ at {size}^2")

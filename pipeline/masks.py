@@ -6,12 +6,10 @@ grid into a full H x W canvas (``paste_masks_in_image``), and encoding those
 canvases costs O(instances x image area). Here every step works inside the
 instance's own (expanded, integer) box, so the cost is O(box area):
 
-1. paste: torchvision's arithmetic exactly (``expand_masks`` pads the grid by
-   one cell, ``expand_boxes`` scales the box by (M + 2) / M and truncates it
-   to integers, bilinear ``F.interpolate`` to the box's size, clipping at the
-   image border), then threshold (``probability >= mask_threshold``). Placed in
-   a full canvas, the crop equals ``paste_masks_in_image(...)[i, 0] >=
-   threshold`` pixel for pixel;
+1. paste (:mod:`pipeline.paste`, on the model's device): torchvision's
+   arithmetic exactly, inside the box, then threshold; each instance becomes a
+   :class:`Crop` that equals ``paste_masks_in_image(...)[i, 0] >= threshold``
+   pixel for pixel;
 2. pack: all crops of the image go, transposed, into one small zero-separated
    canvas (:class:`CropAtlas`), so that what follows is a few whole-array
    calls per image, not a few calls per instance;
@@ -27,9 +25,8 @@ Conventions: pixel (row i, column j) covers [j, j + 1) x [i, i + 1) in image
 coordinates (x right, y down), so its centre is (j + 0.5, i + 0.5). Boxes are
 x0, y0, x1, y1 in those coordinates.
 
-On CUDA, :func:`paste_batched` pastes and thresholds all instances of an
-image in one batched gather on the device and copies only the box-sized
-crops to the host.
+Steps 2-5 (:func:`encode_crops`) need no torch, so evaluation and export do
+not import it.
 """
 
 from __future__ import annotations
@@ -40,19 +37,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import shapely
-import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from shapely.geometry import Polygon
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from pipeline import features
 from pipeline.columns import InstanceColumns
-
-PASTE_PADDING = 1
-"""Cells of zero padding torchvision adds around each mask grid before pasting."""
-
-_EMPTY = np.zeros((0, 0), bool)
 
 
 @dataclass(frozen=True)
@@ -65,153 +54,6 @@ class Crop:
     mask: np.ndarray
     x0: int
     y0: int
-
-
-def integer_paste_boxes(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
-    """torchvision's pasting boxes: ``boxes`` (N, 4) float scaled by (M+2)/M, truncated to int64."""
-    scale = float(mask_size + 2 * PASTE_PADDING) / mask_size
-    return expand_boxes(boxes, scale).to(dtype=torch.int64)
-
-
-def paste(
-    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float
-) -> list[Crop]:
-    """Paste and threshold each instance's mask inside its own box (exact, any device).
-
-    Args:
-        probs: (N, M, M) mask probabilities.
-        boxes: (N, 4) float boxes x0, y0, x1, y1 in original-image pixels.
-        image_size: (height, width) of the original image.
-        threshold: a pixel belongs to the instance when its probability is >= this.
-
-    Returns:
-        N crops; each is exactly the corresponding window of
-        ``paste_masks_in_image(probs[:, None], boxes, image_size)[i, 0] >= threshold``.
-    """
-    if probs.ndim != 3 or probs.shape[1] != probs.shape[2] or boxes.shape != (len(probs), 4):
-        raise ValueError(
-            f"expected probs (N, M, M) and boxes (N, 4), got {tuple(probs.shape)} and {tuple(boxes.shape)}"
-        )
-    height, width = image_size
-    padded, _ = expand_masks(probs[:, None], padding=PASTE_PADDING)
-    int_boxes = integer_paste_boxes(boxes, probs.shape[-1]).tolist()
-    crops = []
-    for grid, (bx0, by0, bx1, by1) in zip(padded, int_boxes, strict=True):
-        x0, x1 = max(bx0, 0), min(bx1 + 1, width)
-        y0, y1 = max(by0, 0), min(by1 + 1, height)
-        if x1 <= x0 or y1 <= y0:
-            crops.append(Crop(_EMPTY, max(min(x0, width), 0), max(min(y0, height), 0)))
-            continue
-        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
-        local = F.interpolate(grid[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        # NumPy compares float32 with a Python float in float32, as torch does.
-        window = local.cpu().numpy()[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] >= threshold
-        crops.append(Crop(window, x0, y0))
-    return crops
-
-
-def _source_index(out_size: torch.Tensor, in_size: int, length: int) -> tuple[torch.Tensor, ...]:
-    """Bilinear (align_corners=False) source rows for outputs 0..length-1 of each size.
-
-    Returns (lower index, upper index, upper weight), each (N, length), as
-    ``F.interpolate`` computes them: src = max((dst + 0.5) * in / out - 0.5, 0).
-    """
-    dst = torch.arange(length, device=out_size.device, dtype=torch.float32)
-    # A true division, as F.interpolate does; ``in_size / tensor`` would multiply
-    # by a reciprocal and differ in the last bit.
-    scale = torch.full_like(out_size, in_size, dtype=torch.float32) / out_size.to(torch.float32)
-    src = ((dst[None] + 0.5) * scale[:, None] - 0.5).clamp(min=0)
-    lower = src.to(torch.int64).clamp(max=in_size - 1)
-    upper = (lower + 1).clamp(max=in_size - 1)
-    return lower, upper, (src - lower).clamp(0, 1)
-
-
-def paste_batched(
-    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float
-) -> list[Crop]:
-    """:func:`paste` for all instances at once on the tensors' device (meant for CUDA).
-
-    The N masks are resampled on one (N, Hmax, Wmax) grid padded to the largest
-    box, thresholded, and only the in-image box pixels (sum of crop areas,
-    uint8) are copied to the host. Bilinear weights follow ``F.interpolate``'s
-    formula; where a probability lies within float rounding of ``threshold``
-    a pixel may differ from :func:`paste` (tested to be the only difference).
-    """
-    n, m = probs.shape[0], probs.shape[-1]
-    height, width = image_size
-    if n == 0:
-        return []
-    padded, _ = expand_masks(probs[:, None], padding=PASTE_PADDING)
-    padded = padded[:, 0].float()
-    int_boxes = integer_paste_boxes(boxes, m)
-    sizes_w = (int_boxes[:, 2] - int_boxes[:, 0] + 1).clamp(min=1)
-    sizes_h = (int_boxes[:, 3] - int_boxes[:, 1] + 1).clamp(min=1)
-    x0 = int_boxes[:, 0].clamp(min=0, max=width)
-    y0 = int_boxes[:, 1].clamp(min=0, max=height)
-    x1 = torch.maximum((int_boxes[:, 2] + 1).clamp(max=width), x0)
-    y1 = torch.maximum((int_boxes[:, 3] + 1).clamp(max=height), y0)
-    crop_w, crop_h = x1 - x0, y1 - y0
-    max_w, max_h = int(crop_w.max()), int(crop_h.max())
-
-    # Output pixel (r, c) of crop i is pixel (y0 + r - by0, x0 + c - bx0) of the pasted box.
-    offset_y, offset_x = y0 - int_boxes[:, 1], x0 - int_boxes[:, 0]
-    full_h = int((offset_y + max_h).max().clamp(min=1))
-    full_w = int((offset_x + max_w).max().clamp(min=1))
-    ry0, ry1, wy = _source_index(sizes_h, m + 2 * PASTE_PADDING, max(full_h, 1))
-    rx0, rx1, wx = _source_index(sizes_w, m + 2 * PASTE_PADDING, max(full_w, 1))
-    rows = offset_y[:, None] + torch.arange(max_h, device=probs.device)[None]
-    cols = offset_x[:, None] + torch.arange(max_w, device=probs.device)[None]
-    rows = rows.clamp(min=0, max=max(full_h - 1, 0))
-    cols = cols.clamp(min=0, max=max(full_w - 1, 0))
-
-    def gather(r_index, c_index):
-        r = torch.gather(r_index, 1, rows)[:, :, None].expand(-1, -1, max_w)
-        c = torch.gather(c_index, 1, cols)[:, None, :].expand(-1, max_h, -1)
-        return padded[torch.arange(n, device=probs.device)[:, None, None], r, c]
-
-    wy_c = torch.gather(wy, 1, rows)[:, :, None]
-    wx_c = torch.gather(wx, 1, cols)[:, None, :]
-    top = gather(ry0, rx0) * (1 - wx_c) + gather(ry0, rx1) * wx_c
-    bottom = gather(ry1, rx0) * (1 - wx_c) + gather(ry1, rx1) * wx_c
-    values = top * (1 - wy_c) + bottom * wy_c
-    inside = (torch.arange(max_h, device=probs.device)[None, :, None] < crop_h[:, None, None]) & (
-        torch.arange(max_w, device=probs.device)[None, None, :] < crop_w[:, None, None]
-    )
-    flat = (values >= threshold)[inside].to(torch.uint8).cpu().numpy()
-    sizes = (crop_h * crop_w).tolist()
-    crops, start = [], 0
-    for i, (h, w) in enumerate(zip(crop_h.tolist(), crop_w.tolist(), strict=True)):
-        mask = flat[start : start + sizes[i]].reshape(h, w).astype(bool) if h and w else _EMPTY
-        crops.append(Crop(mask, int(x0[i]), int(y0[i])))
-        start += sizes[i]
-    return crops
-
-
-def encode(
-    probs: torch.Tensor,
-    boxes: torch.Tensor,
-    image_size: tuple[int, int],
-    threshold: float,
-    pixels: np.ndarray | None = None,
-) -> InstanceColumns:
-    """Everything the output stores about N instances' masks, box-locally (see :func:`encode_crops`).
-
-    Args:
-        probs: (N, M, M) mask probabilities on any device (CUDA uses :func:`paste_batched`).
-        boxes: (N, 4) float boxes x0, y0, x1, y1 in original-image pixels.
-        image_size: (height, width) of the original image.
-        threshold: mask threshold (probability >= threshold is inside).
-        pixels: the raw image (H, W, C) for the intensity features, or None.
-    """
-    return encode_crops(paste_on_device(probs, boxes, image_size, threshold), image_size, pixels)
-
-
-def paste_on_device(
-    probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float
-) -> list[Crop]:
-    """:func:`paste_batched` for CUDA tensors, the exact :func:`paste` otherwise."""
-    paste_fn = paste_batched if probs.is_cuda else paste
-    return paste_fn(probs, boxes, image_size, threshold)
 
 
 @dataclass(frozen=True)

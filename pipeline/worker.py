@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import masks, postprocess
+from pipeline import masks, paste, postprocess
 from pipeline.card import InferenceSettings, ModelCard
 from pipeline.columns import InstanceColumns
 from pipeline.concurrency import bounded_map
@@ -230,7 +230,7 @@ class ShardProcessor:
         order = torch.argsort(-detections.scores, stable=True)
         boxes = detections.boxes[order]
         size = raw.size if window is None else (window.size, window.size)
-        crops = masks.paste_on_device(detections.mask_probs[order], boxes, size, self.settings.mask_threshold)
+        crops = paste.paste_on_device(detections.mask_probs[order], boxes, size, self.settings.mask_threshold)
         boxes = boxes.cpu().numpy()
         owned = touching = np.zeros(len(crops), bool)
         if window is not None:

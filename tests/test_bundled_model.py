@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline import masks, preprocess
+from pipeline import paste, preprocess
 from pipeline.infer import automatic_scale, detect
 from pipeline.model import BUNDLED_MODEL, resolve_model
 from pipeline.preprocess import model_input
@@ -25,7 +25,7 @@ def prepared(loaded, pixels: np.ndarray) -> torch.Tensor:
 def detections(loaded, pixels: np.ndarray, scale: float = 1.0):
     """The bundled model's non-empty instances on raw pixels (H, W[, C]), through its card's preprocessing."""
     found = detect(loaded.module, [prepared(loaded, pixels)], scale=scale)[0]
-    encoded = masks.encode(found.mask_probs, found.boxes, pixels.shape[:2], loaded.card.mask_threshold)
+    encoded = paste.encode(found.mask_probs, found.boxes, pixels.shape[:2], loaded.card.mask_threshold)
     return encoded.filter(encoded["area"] > 0)
 
 
@@ -63,7 +63,7 @@ def test_the_size_estimate_agrees_with_the_pasted_masks():
     loaded = resolve_model(None)
     tile = render_tile(seed=424242, slide=0, tile=1, size=256)
     found = detect(loaded.module, [prepared(loaded, tile.pixels)])[0]
-    pasted = masks.encode(found.mask_probs, found.boxes, (256, 256), loaded.card.mask_threshold)["area"]
+    pasted = paste.encode(found.mask_probs, found.boxes, (256, 256), loaded.card.mask_threshold)["area"]
     estimated = found.diameters(loaded.card.mask_threshold)
     kept = pasted > 0
     assert kept.sum() > 10

@@ -1,4 +1,5 @@
-"""Box-local masks against torchvision's paste + pycocotools as the reference (DESIGN invariants 1, 2)."""
+"""Box-local masks (:mod:`pipeline.paste` then :mod:`pipeline.masks`) against torchvision's paste +
+pycocotools as the reference (DESIGN invariants 1, 2)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from pipeline import masks
 from pipeline.columns import InstanceColumns
-from pipeline.masks import Crop, encode, paste, paste_batched
+from pipeline.masks import Crop
+from pipeline.paste import encode, paste, paste_batched
 
 
 def polygon_of(crop: Crop):
