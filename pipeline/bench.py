@@ -456,8 +456,10 @@ def bench_robustness(
     archive (no nucleus: its instances are all false) and ``real`` (if given).
 
     Each archive is written with ``seed`` (the training archive's seed must
-    differ), segmented by the segment job with the default settings, and
-    scored by :func:`pipeline.evaluate.evaluate`. ``real`` is a folder of
+    differ) into a folder of its own under one source; the segment job
+    segments that source in one run with the default settings (Ray and the
+    replica start once), and :func:`pipeline.evaluate.evaluate` scores each
+    archive's images against that archive's truth. ``real`` is a folder of
     images with ``*_labels.*`` instance label images beside them
     (:func:`pipeline.evaluate.label_images_to_coco`). ``cell_bodies``: the
     fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`). ``scale``:
@@ -474,32 +476,32 @@ def bench_robustness(
 
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="segpipe-robust-")) if own_tmp else Path(workdir)
-    archives: list[tuple[str, Path, Path]] = []
+    source, dest = root / "archives", root / "run"
+    archives: list[tuple[str, str]] = []  # (row name, folder under source)
     try:
         for name, look in robustness_looks(cell_bodies):
-            folder = root / name
-            coco = synth.write_archive(
-                folder, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=seed, look=look
+            synth.write_archive(
+                source / name, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=seed, look=look
             )
-            archives.append((name, folder, coco))
+            archives.append((name, name))
         if real is not None:
-            archives.append((f"real: {Path(real).name}", root / "real", None))
+            evaluate.label_images_to_coco(real, source / "real")
+            archives.append((f"real: {Path(real).name}", "real"))
         segment.connect_ray("local")
-        execution = segment.ExecutionSettings(replicas=1, progress=False)
+        report = segment.new_run(
+            str(dest),
+            segment.PinnedSettings(source=str(source), model=model, scale=scale),
+            segment.ExecutionSettings(replicas=1, progress=False),
+        )
+        if report.failed or report.images_error:
+            raise RuntimeError(f"robustness run not clean: {segment.format_report(report)}")
+        images = read_table(str(dest), "images", ["uri", "scale"])
         rows = []
-        for name, folder, coco in archives:
-            if coco is None:
-                coco = evaluate.label_images_to_coco(real, folder)
-            dest = root / f"run-{folder.name}"
-            report = segment.new_run(
-                str(dest), segment.PinnedSettings(source=str(folder), model=model, scale=scale), execution
-            )
-            if report.failed or report.images_error:
-                raise RuntimeError(f"robustness run on {name} not clean: {segment.format_report(report)}")
+        for name, folder in archives:
+            coco = _truth_under(source / folder, root / f"truth-{folder}.json")
             scores, _ = evaluate.evaluate(str(dest), str(coco))
-            truth = len(json.loads(Path(coco).read_text())["annotations"])
-            scales = read_table(str(dest), "images", ["scale"])["scale"]
-
+            truth = len(json.loads(coco.read_text())["annotations"])
+            scales = images.loc[images["uri"].str.startswith(f"{(source / folder).as_posix()}/"), "scale"]
             rows.append(
                 {
                     "archive": name,
@@ -523,3 +525,13 @@ def bench_robustness(
             ray.shutdown()
         if own_tmp:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _truth_under(folder: Path, out: Path) -> Path:
+    """``folder/annotations.json`` with each ``file_name`` prefixed by the folder's name, written to
+    ``out``: one archive's truth, relative to the source that holds every archive."""
+    coco = json.loads((folder / "annotations.json").read_text())
+    for image in coco["images"]:
+        image["file_name"] = f"{folder.name}/{image['file_name']}"
+    out.write_text(json.dumps(coco))
+    return out
