@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import io
 import json
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline import commit, masks, preprocess, storage
 from pipeline.decode import DecodeError, RawImage, read_and_decode
+from pipeline.plan import IMAGE_EXTENSIONS
 from pipeline.preprocess import model_input
 from pipeline.rle import decode_box, decode_in_own_box
 from pipeline.slides import Slide, is_slide_candidate
@@ -540,20 +542,34 @@ def _recall_by_size(objects: pd.DataFrame, bands: int) -> pd.DataFrame:
 
 
 def labelled_images(folder: str | Path, suffix: str = "_labels") -> list[tuple[Path, Path]]:
-    """(image, label image) pairs under ``folder``: ``NAME{suffix}.EXT`` beside an existing ``NAME.EXT``."""
+    """(image, label image) pairs under ``folder``: a label image ``NAME{suffix}.EXT`` annotates the
+    image ``NAME.EXT`` beside it or, if there is none, the one image ``NAME.*`` of another format
+    (PNG images with TIFF label images); a label image with several such images beside it is skipped.
+    """
     pairs = []
     for label_path in sorted(Path(folder).rglob(f"*{suffix}.*")):
-        image_path = label_path.with_name(label_path.name.replace(suffix, "", 1))
-        if image_path.exists():
-            pairs.append((image_path, label_path))
+        if not label_path.stem.endswith(suffix) or label_path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        name = label_path.stem[: -len(suffix)]
+        same_format = label_path.with_name(name + label_path.suffix)
+        others = [
+            p
+            for p in label_path.parent.glob(f"{glob.escape(name)}.*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if same_format.exists():
+            pairs.append((same_format, label_path))
+        elif len(others) == 1:
+            pairs.append((others[0], label_path))
     return pairs
 
 
 def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = "_labels") -> Path:
     """An archive with COCO ground truth from a folder of images with instance label images beside them.
 
-    ``NAME.tif`` (any image format) is annotated by ``NAME{suffix}.tif``, an
-    integer label image (0 background, one id per object). Each annotated
+    ``NAME.png`` (any image format) is annotated by ``NAME{suffix}.png`` or
+    ``NAME{suffix}.tif`` (see :func:`labelled_images`), an integer label
+    image (0 background, one id per object). Each annotated
     image is copied to ``dest`` (same relative path; label images are not, so
     ``dest`` can be segmented as it is), and ``dest/annotations.json`` is
     written (one class, ``nucleus``). Returns its path.

@@ -18,6 +18,8 @@ from pipeline.evaluate import (
     detections_from_instances,
     equivalent_diameters,
     evaluate,
+    label_images_to_coco,
+    labelled_images,
     match_masks,
     misses,
     sweep,
@@ -288,3 +290,47 @@ def test_the_analysis_jobs_do_not_import_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_label_images_pair_with_their_image_in_the_same_or_another_format(tmp_path):
+    """Real annotated sets store masks as TIFF beside PNG or JPEG images; ``_labels`` inside a name is
+    part of the name; a label image that could belong to two images is left out, not guessed."""
+    import cv2
+
+    image = np.zeros((32, 32), np.uint8)
+    labels = np.zeros((32, 32), np.uint16)
+    cv2.circle(image, (10, 10), 5, 200, -1)
+    cv2.circle(labels, (10, 10), 5, 1, -1)
+    cv2.circle(image, (22, 22), 4, 120, -1)
+    cv2.circle(labels, (22, 22), 4, 7, -1)
+    files = {
+        "same/a.tif": image,
+        "same/a_labels.tif": labels,
+        "other/b.png": image,
+        "other/b_labels.tif": labels,
+        "other/my_labels_x.png": image,
+        "other/my_labels_x_labels.tif": labels,
+        "two/c.png": image,
+        "two/c.jpg": image,
+        "two/c_labels.tif": labels,
+        "alone/d_labels.tif": labels,
+    }
+    for name, pixels in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        assert cv2.imwrite(str(tmp_path / name), pixels)
+    pairs = {(i.relative_to(tmp_path).as_posix(), m.name) for i, m in labelled_images(tmp_path)}
+    assert pairs == {
+        ("same/a.tif", "a_labels.tif"),
+        ("other/b.png", "b_labels.tif"),
+        ("other/my_labels_x.png", "my_labels_x_labels.tif"),
+    }
+    coco = json.loads(label_images_to_coco(tmp_path, tmp_path / "archive").read_text())
+    assert sorted(im["file_name"] for im in coco["images"]) == [
+        "other/b.png",
+        "other/my_labels_x.png",
+        "same/a.tif",
+    ]
+    assert len(coco["annotations"]) == 6  # two objects per labelled image
+    assert (tmp_path / "archive/other/b.png").exists() and not (
+        tmp_path / "archive/other/b_labels.tif"
+    ).exists()
