@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import io
 import json
 from dataclasses import dataclass
@@ -546,21 +545,18 @@ def labelled_images(folder: str | Path, suffix: str = "_labels") -> list[tuple[P
     image ``NAME.EXT`` beside it or, if there is none, the one image ``NAME.*`` of another format
     (PNG images with TIFF label images); a label image with several such images beside it is skipped.
     """
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    by_name: dict[tuple[Path, str], list[Path]] = collections.defaultdict(list)
+    for path in files:
+        by_name[path.parent, path.stem].append(path)
     pairs = []
-    for label_path in sorted(Path(folder).rglob(f"*{suffix}.*")):
-        if not label_path.stem.endswith(suffix) or label_path.suffix.lower() not in IMAGE_EXTENSIONS:
+    for label_path in files:
+        if not label_path.stem.endswith(suffix):
             continue
-        name = label_path.stem[: -len(suffix)]
-        same_format = label_path.with_name(name + label_path.suffix)
-        others = [
-            p
-            for p in label_path.parent.glob(f"{glob.escape(name)}.*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if same_format.exists():
-            pairs.append((same_format, label_path))
-        elif len(others) == 1:
-            pairs.append((others[0], label_path))
+        images = by_name.get((label_path.parent, label_path.stem[: -len(suffix)]), [])
+        same_format = [p for p in images if p.suffix == label_path.suffix]
+        if same_format or len(images) == 1:
+            pairs.append(((same_format or images)[0], label_path))
     return pairs
 
 
