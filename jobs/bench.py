@@ -6,6 +6,7 @@ python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] 
     [--cell-bodies F] [--scale auto|F] [--json]
 python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
 python -m jobs.bench slide [--slides 2] [--size 4096] [--tile-size 1024] [--model M] [--device D] [--json]
+python -m jobs.bench train [--steps 20] [--size 256] [--batch-size 4] [--device cpu|cuda] [--json]
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     slide.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     slide.add_argument("--batch-size", type=int, default=4)
     slide.add_argument("--json", action="store_true", help="one JSON object")
+    training = sub.add_parser("train", help="training with batches built ahead vs built in line")
+    training.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
+    training.add_argument("--size", type=int, default=256, help="tile side in px (default 256)")
+    training.add_argument("--batch-size", type=int, default=4)
+    training.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    training.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args(argv)
     if getattr(args, "device", "cpu") == "cuda":
         import torch
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return _scale(parser, args)
     if args.name == "slide":
         return _slide(parser, args)
+    if args.name == "train":
+        return _train(parser, args)
     cases = None
     if args.cases:
         try:
@@ -200,6 +209,14 @@ def _slide(parser, args) -> int:
         device=args.device,
         batch_size=args.batch_size,
     )
+    return _print_result(result, args)
+
+
+def _train(parser, args) -> int:
+    parser.require_positive(args, "steps", "size", "batch_size")
+    from pipeline.bench_train import bench_train
+
+    result = bench_train(steps=args.steps, size=args.size, batch_size=args.batch_size, device=args.device)
     return _print_result(result, args)
 
 

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         help="percentile (1 / 99.8 with a noise floor; default) or range (value / the type's range)",
     )
     args = parser.parse_args(argv)
+    parser.require_positive(
+        args, "steps", "batch_size", "checkpoint_every", *(["threads"] if args.threads is not None else [])
+    )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     if args.threads:
@@ -77,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, FileNotFoundError) as exc:
         return fail_usage(parser.prog, str(exc))
     if summary:
-        print(f"loss {summary['first.total']:.3f} -> {summary['last.total']:.3f}; wrote {args.output}")
+        print(
+            f"loss {summary['first.total']:.3f} -> {summary['last.total']:.3f}; "
+            f"waited for batches {summary['data_wait_fraction']:.0%} of the time; wrote {args.output}"
+        )
     return 0
 
 

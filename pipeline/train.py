@@ -1,7 +1,8 @@
 """Train or fine-tune a torchvision Mask R-CNN on a COCO-annotated image folder.
 
 Recipe: AdamW, linear warm-up then cosine decay, gradient clipping, batches
-sampled with replacement. Images are decoded in their native bit depth and
+sampled with replacement and built ahead on threads while the model trains
+(:data:`PREFETCH_BATCHES`). Images are decoded in their native bit depth and
 prepared by the model card's preprocessing (:func:`pipeline.preprocess.model_input`,
 the function inference uses), then augmented: flips, 90-degree rotations,
 scale jitter, gamma, contrast, blur and noise. Every step draws its
@@ -19,10 +20,12 @@ every ``checkpoint_every`` steps and removed when training completes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from tqdm import tqdm
 
+from pipeline.concurrency import bounded_map
 from pipeline.decode import DecodeError, decode_image
 from pipeline.model import (
     ModelCard,
@@ -43,6 +47,11 @@ from pipeline.model import (
     save_checkpoint,
 )
 from pipeline.preprocess import Preprocessing, model_input
+
+PREFETCH_BATCHES = 4
+"""Batches built ahead of the step that uses them, each on a thread of its own (decoding, OpenCV and
+most NumPy work release the GIL). A batch of four 256-px tiles takes about 80 ms of one CPU core to
+build (BENCHMARKS.md, "Training"): built in line, a GPU whose step is shorter would wait for it."""
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -271,11 +280,42 @@ def _save_state(path: str, model, optimizer, step: int, config: TrainConfig, car
     os.replace(tmp, path)
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
+def training_batch(dataset: CocoTiles, config: TrainConfig, step: int) -> list[tuple[torch.Tensor, dict]]:
+    """The ``config.batch_size`` augmented samples of ``step``: images drawn with replacement and
+    augmented with the generator seeded by ``(config.seed, step)`` alone, so a batch does not depend
+    on when, or on which thread, it is built."""
+    rng = np.random.default_rng([config.seed, step])
+    return [dataset.sample(int(i), rng) for i in rng.integers(0, len(dataset), config.batch_size)]
+
+
+def _step(model, optimizer, params, batch, config: TrainConfig, step: int) -> dict[str, float]:
+    """One optimiser step on ``batch``; returns its loss terms."""
+    images = [image.to(config.device) for image, _ in batch]
+    targets = [{k: v.to(config.device) for k, v in target.items()} for _, target in batch]
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    losses = model(images, targets)
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"loss is {total.item()} at step {step}: {losses}")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(params, 5.0)
+    optimizer.step()
+    return {k: v.item() for k, v in losses.items()}
+
+
+def train(
+    config: TrainConfig, *, progress: bool = True, prefetch: int = PREFETCH_BATCHES
+) -> dict[str, float]:
     """Train per ``config``, resuming from ``output.train-state`` when present.
 
-    Returns the mean of each loss term over the first and last 10% of the
-    steps run in this call (``first.loss_mask``, ``last.loss_mask``, ...).
+    ``prefetch``: batches built ahead on threads (0: each batch built when
+    its step starts). Returns the mean of each loss term over the first and
+    last 10% of the steps run in this call (``first.loss_mask``,
+    ``last.loss_mask``, ...) and ``data_wait_fraction``, the share of the
+    training loop's time spent waiting for a batch (near 0 when batches are
+    built faster than the model trains).
     """
     dataset = CocoTiles(config.images, config.annotations, config.preprocessing)
     torch.manual_seed(config.seed)
@@ -298,37 +338,32 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
         print(f"resuming training from step {start} of {config.steps}")
 
     history: list[dict[str, float]] = []
-    started = time.monotonic()
+    started, waited = time.monotonic(), 0.0
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
-    for step in bar:
-        rng = np.random.default_rng([config.seed, step])
-        torch.manual_seed(config.seed * 1_000_003 + step)
-        batch = [dataset.sample(int(i), rng) for i in rng.integers(0, len(dataset), config.batch_size)]
-        images = [im.to(config.device) for im, _ in batch]
-        targets = [{k: v.to(config.device) for k, v in t.items()} for _, t in batch]
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        losses = model(images, targets)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()} at step {step}: {losses}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        optimizer.step()
-        history.append({k: v.item() for k, v in losses.items()})
-        bar.set_postfix(
-            {k.removeprefix("loss_")[:6]: f"{np.mean([h[k] for h in history[-20:]]):.3f}" for k in LOSS_NAMES}
-        )
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save_state(state_path, model, optimizer, step + 1, config, card)
+    with ThreadPoolExecutor(max(prefetch, 1), thread_name_prefix="train-batches") as pool:
+        build = functools.partial(training_batch, dataset, config)
+        steps = range(start, config.steps)
+        batches = bounded_map(pool, build, steps, prefetch) if prefetch else map(build, steps)
+        for step in bar:
+            before = time.monotonic()
+            batch = next(batches)
+            waited += time.monotonic() - before
+            torch.manual_seed(config.seed * 1_000_003 + step)
+            history.append(_step(model, optimizer, params, batch, config, step))
+            recent = history[-20:]
+            bar.set_postfix(
+                {k.removeprefix("loss_")[:6]: f"{np.mean([h[k] for h in recent]):.3f}" for k in LOSS_NAMES}
+            )
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                _save_state(state_path, model, optimizer, step + 1, config, card)
+    loop_seconds = time.monotonic() - started
 
     card = replace(
         card,
         object_diameter_px=dataset.object_diameter_px(),
         training={
             **asdict(config),
-            "seconds_this_session": round(time.monotonic() - started, 1),
+            "seconds_this_session": round(loop_seconds, 1),
             "torch": str(torch.__version__),
         },
     )
@@ -337,7 +372,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
     save_checkpoint(config.output, model.cpu(), card, half=config.half)
     if os.path.exists(state_path):
         os.remove(state_path)
-    return _loss_summary(history)
+    summary = _loss_summary(history)
+    if history:
+        summary["data_wait_fraction"] = waited / loop_seconds
+    return summary
 
 
 def _loss_summary(history: list[dict[str, float]]) -> dict[str, float]:

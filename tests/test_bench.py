@@ -154,9 +154,20 @@ def test_a_wrong_flag_is_refused_before_torch_is_imported():
         ["robustness", "--cell-bodies", "2"],
         ["scale", "--sizes", "ten"],
         ["slide", "--tile-size", "64"],
+        ["train", "--steps", "0"],
     )
     for args in wrong:
         result = subprocess.run(
             [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO, timeout=120
         )
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
+
+
+def test_train_benchmark_times_both_runs_and_checks_they_end_alike():
+    result = bench("train", "--steps", "2", "--size", "64", "--batch-size", "1", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["same_weights"] is True and row["batch_build_ms"] > 0
+    assert row["steps_per_s_inline"] > 0 and row["steps_per_s_prefetched"] > 0
+    assert row["speedup"] == round(row["steps_per_s_prefetched"] / row["steps_per_s_inline"], 3)
+    assert 0 <= row["data_wait_prefetched"] <= 1 and 0 < row["data_wait_inline"] <= 1

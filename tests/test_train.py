@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from jobs import train as train_job
 from pipeline.model import resolve_model
 from pipeline.preprocess import Preprocessing
 from pipeline.train import CocoTiles, TrainConfig, augment, diameter_range, train
@@ -46,6 +47,34 @@ def test_loss_falls_and_checkpoint_loads_weights_only(tiny_archive, tmp_path):
     areas = [a["area"] for a in json.loads(annotations.read_text())["annotations"]]
     assert loaded.card.object_diameter_px == diameter_range(areas)
     assert not (tmp_path / "m.pt.train-state").exists()
+    assert 0 <= summary["data_wait_fraction"] < 1
+
+
+def test_batches_built_ahead_on_threads_train_to_the_same_weights_as_batches_built_in_line(
+    tiny_archive, tmp_path
+):
+    root, annotations = tiny_archive
+    for name, prefetch in (("inline", 0), ("ahead", 3)):
+        train(config(root, annotations, tmp_path / f"{name}.pt", steps=5), progress=False, prefetch=prefetch)
+    inline = resolve_model(str(tmp_path / "inline.pt")).module.state_dict()
+    ahead = resolve_model(str(tmp_path / "ahead.pt")).module.state_dict()
+    for name in inline:
+        assert torch.allclose(inline[name].float(), ahead[name].float(), atol=1e-6), name
+
+
+def test_the_train_job_reports_loss_and_waiting_and_refuses_a_wrong_flag_in_one_line(
+    tiny_archive, tmp_path, capsys
+):
+    root, annotations = tiny_archive
+    common = ["--images", str(root), "--annotations", str(annotations), "--output", str(tmp_path / "m.pt")]
+    assert train_job.main([*common, "--steps", "2", "--batch-size", "1"]) == 0
+    assert "waited for batches" in capsys.readouterr().out and (tmp_path / "m.pt").exists()
+    for flag in ("--steps", "--batch-size", "--checkpoint-every", "--threads"):
+        with pytest.raises(SystemExit) as exited:
+            train_job.main([*common, flag, "0"])
+        assert exited.value.code == 2, flag
+        message = f"jobs.train: error: {flag} must be at least 1 (see --help)"
+        assert capsys.readouterr().err.strip().splitlines() == [message]
 
 
 def test_the_diameter_range_leaves_out_the_few_objects_cut_by_a_tile_edge():
