@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     slide.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     slide.add_argument("--batch-size", type=int, default=4)
     slide.add_argument("--json", action="store_true", help="one JSON object")
-    training = sub.add_parser("train", help="training with batches built ahead vs built in line")
+    training = sub.add_parser(
+        "train", help="the training step against the one it replaced (batches ahead, RoIAlign backward)"
+    )
     training.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
     training.add_argument("--size", type=int, default=256, help="tile side in px (default 256)")
     training.add_argument("--batch-size", type=int, default=4)

@@ -20,6 +20,7 @@ every ``checkpoint_every`` steps and removed when training completes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -47,6 +48,7 @@ from pipeline.model import (
     save_checkpoint,
 )
 from pipeline.preprocess import Preprocessing, model_input
+from pipeline.roi_align_grad import faster_backward
 
 PREFETCH_BATCHES = 4
 """Batches built ahead of the step that uses them, each on a thread of its own (decoding, OpenCV and
@@ -306,12 +308,18 @@ def _step(model, optimizer, params, batch, config: TrainConfig, step: int) -> di
 
 
 def train(
-    config: TrainConfig, *, progress: bool = True, prefetch: int = PREFETCH_BATCHES
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    prefetch: int = PREFETCH_BATCHES,
+    faster_roi_align: bool = True,
 ) -> dict[str, float]:
     """Train per ``config``, resuming from ``output.train-state`` when present.
 
     ``prefetch``: batches built ahead on threads (0: each batch built when
-    its step starts). Returns the mean of each loss term over the first and
+    its step starts). ``faster_roi_align``: on CPU, RoIAlign's backward runs
+    :func:`pipeline.roi_align_grad.roi_align_backward` (False: torchvision's
+    kernel; the gradients agree to float rounding). Returns the mean of each loss term over the first and
     last 10% of the steps run in this call (``first.loss_mask``,
     ``last.loss_mask``, ...) and ``data_wait_fraction``, the share of the
     training loop's time spent waiting for a batch (near 0 when batches are
@@ -340,7 +348,10 @@ def train(
     history: list[dict[str, float]] = []
     started, waited = time.monotonic(), 0.0
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
-    with ThreadPoolExecutor(max(prefetch, 1), thread_name_prefix="train-batches") as pool:
+    with (
+        ThreadPoolExecutor(max(prefetch, 1), thread_name_prefix="train-batches") as pool,
+        faster_backward(model) if faster_roi_align else contextlib.nullcontext(),
+    ):
         build = functools.partial(training_batch, dataset, config)
         steps = range(start, config.steps)
         batches = bounded_map(pool, build, steps, prefetch) if prefetch else map(build, steps)
