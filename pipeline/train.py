@@ -2,7 +2,8 @@
 
 Recipe: AdamW, linear warm-up then cosine decay, gradient clipping, batches
 sampled with replacement and built ahead on threads while the model trains
-(:data:`PREFETCH_BATCHES`). Images are decoded in their native bit depth and
+(:data:`PREFETCH_BATCHES`); on CPU, RoIAlign's backward is
+:mod:`pipeline.roi_align_grad`'s. Images are decoded in their native bit depth and
 prepared by the model card's preprocessing (:func:`pipeline.preprocess.model_input`,
 the function inference uses), then augmented: flips, 90-degree rotations,
 scale jitter, gamma, contrast, blur and noise. Every step draws its
@@ -52,7 +53,7 @@ from pipeline.roi_align_grad import faster_backward
 
 PREFETCH_BATCHES = 4
 """Batches built ahead of the step that uses them, each on a thread of its own (decoding, OpenCV and
-most NumPy work release the GIL). A batch of four 256-px tiles takes about 80 ms of one CPU core to
+most NumPy work release the GIL). A batch of four 256-px tiles takes 50-60 ms of one CPU core to
 build (BENCHMARKS.md, "Training"): built in line, a GPU whose step is shorter would wait for it."""
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -319,11 +320,13 @@ def train(
     ``prefetch``: batches built ahead on threads (0: each batch built when
     its step starts). ``faster_roi_align``: on CPU, RoIAlign's backward runs
     :func:`pipeline.roi_align_grad.roi_align_backward` (False: torchvision's
-    kernel; the gradients agree to float rounding). Returns the mean of each loss term over the first and
-    last 10% of the steps run in this call (``first.loss_mask``,
-    ``last.loss_mask``, ...) and ``data_wait_fraction``, the share of the
-    training loop's time spent waiting for a batch (near 0 when batches are
-    built faster than the model trains).
+    kernel; the gradients agree to float rounding).
+
+    Returns the mean of each loss term over the first and last 10% of the
+    steps run in this call (``first.loss_mask``, ``last.loss_mask``, ...)
+    and ``data_wait_fraction``, the share of the training loop's time spent
+    waiting for a batch (near 0 when batches are built faster than the
+    model trains).
     """
     dataset = CocoTiles(config.images, config.annotations, config.preprocessing)
     torch.manual_seed(config.seed)
