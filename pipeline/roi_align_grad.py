@@ -14,11 +14,13 @@ runs vectorised. The gradient equals torchvision's to float rounding
 training run lasts and removes it after, so torchvision's own kernel serves
 every other caller. It covers fixed sampling grids (``sampling_ratio > 0``,
 what every architecture of :mod:`pipeline.model` uses); a model with an
-adaptive grid keeps torchvision's kernel.
+adaptive grid, or a torchvision whose op takes other arguments, keeps
+torchvision's kernel.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -111,12 +113,21 @@ def _fixed_grids(model: nn.Module) -> bool:
     return all(pooler.sampling_ratio > 0 for pooler in poolers)
 
 
+def _same_arguments() -> bool:
+    """Whether this torchvision's op takes the arguments :func:`roi_align_backward` does."""
+    schema = torch.ops.torchvision._roi_align_backward.default._schema
+    return [argument.name for argument in schema.arguments] == list(
+        inspect.signature(roi_align_backward).parameters
+    )
+
+
 @contextmanager
 def faster_backward(model: nn.Module) -> Iterator[bool]:
     """While the block runs, :func:`roi_align_backward` serves torchvision's backward of RoIAlign on
     CPU tensors (CUDA keeps its own kernel), when every RoIAlign of ``model`` has a fixed sampling
-    grid; yields whether it does. torchvision's CPU kernel is back when the block ends."""
-    if not _fixed_grids(model):
+    grid and torchvision's op takes the same arguments; yields whether it does. torchvision's CPU
+    kernel is back when the block ends."""
+    if not (_fixed_grids(model) and _same_arguments()):
         yield False
         return
     library = torch.library.Library("torchvision", "IMPL")

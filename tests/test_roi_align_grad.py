@@ -75,3 +75,15 @@ def test_the_kernel_serves_autograd_only_inside_the_block_and_only_for_fixed_gri
     with faster_backward(adaptive) as active:
         assert not active
         backward_with_adaptive_grid()
+
+
+def test_an_op_with_other_arguments_keeps_torchvisions_kernel(monkeypatch):
+    from pipeline import roi_align_grad
+
+    def with_another_signature(grad, rois, spatial_scale, pooled_height, pooled_width):
+        raise AssertionError("must not be registered")
+
+    monkeypatch.setattr(roi_align_grad, "roi_align_backward", with_another_signature)
+    fixed = torch.nn.Sequential(MultiScaleRoIAlign(["0"], 7, sampling_ratio=2))
+    with faster_backward(fixed) as active:
+        assert not active
