@@ -18,8 +18,8 @@ by float rounding: ``gradient_difference`` is the largest difference of one
 step's parameter gradients (relative to each tensor's largest gradient),
 beside ``gradient_difference_threads``, the same between torchvision's kernel
 on one thread and on all of torch's. Such differences grow over a training
-run (Adam amplifies them), as a change of thread count does, so the three
-runs' final weights are not compared. ``data_wait_*`` is the share of each
+run (Adam amplifies them), as a change of thread count does, so
+``default``'s final weights are not compared with the others'. ``data_wait_*`` is the share of each
 run's loop spent waiting for a batch.
 """
 
