@@ -80,7 +80,8 @@ def gradient_differences(config: TrainConfig) -> dict[str, float]:
         faster = _gradients(model, batch, threads)
 
     def largest(other: dict[str, torch.Tensor]) -> float:
-        return max(float((reference[k] - other[k]).abs().max() / reference[k].abs().max()) for k in reference)
+        scale = {k: reference[k].abs().max().clamp(min=1e-12) for k in reference}
+        return max(float((reference[k] - other[k]).abs().max() / scale[k]) for k in reference)
 
     return {"gradient_difference": largest(faster), "gradient_difference_threads": largest(one_thread)}
 
