@@ -19,8 +19,8 @@ step's parameter gradients (relative to each tensor's largest gradient),
 beside ``gradient_difference_threads``, the same between torchvision's kernel
 on one thread and on all of torch's. Such differences grow over a training
 run (Adam amplifies them), as a change of thread count does, so
-``default``'s final weights are not compared with the others'. ``data_wait_*`` is the share of each
-run's loop spent waiting for a batch.
+``default``'s final weights are not compared with the others'.
+``data_wait_*`` is the share of each run's loop spent waiting for a batch.
 """
 
 from __future__ import annotations
@@ -33,15 +33,13 @@ from pathlib import Path
 import torch
 
 from pipeline import synth
-from pipeline.card import ModelCard
-from pipeline.model import build_model, resolve_model
+from pipeline.model import resolve_model
 from pipeline.roi_align_grad import faster_backward
-from pipeline.train import PREFETCH_BATCHES, CocoTiles, TrainConfig, train, training_batch
+from pipeline.train import PREFETCH_BATCHES, CocoTiles, TrainConfig, initial_model, train, training_batch
 
 
-def batch_build_ms(config: TrainConfig, batches: int) -> float:
+def batch_build_ms(dataset: CocoTiles, config: TrainConfig, batches: int) -> float:
     """Median milliseconds to build one training batch of ``config`` on one thread."""
-    dataset = CocoTiles(config.images, config.annotations, config.preprocessing)
     seconds = []
     for step in range(batches):
         start = time.perf_counter()
@@ -63,15 +61,14 @@ def _gradients(model: torch.nn.Module, batch: list, threads: int) -> dict[str, t
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def gradient_differences(config: TrainConfig) -> dict[str, float]:
+def gradient_differences(dataset: CocoTiles, config: TrainConfig) -> dict[str, float]:
     """``gradient_difference`` (this project's RoIAlign backward against torchvision's) and
     ``gradient_difference_threads`` (torchvision's on one thread against all of torch's) on the
-    first batch of ``config``, for a freshly initialised model: the largest difference over the
+    first batch of ``config``, for the model training starts from: the largest difference over the
     parameters, relative to each tensor's largest gradient."""
-    dataset = CocoTiles(config.images, config.annotations, config.preprocessing)
     batch = training_batch(dataset, config, 0)
     torch.manual_seed(config.seed)
-    model = build_model(ModelCard(name="bench", architecture=config.arch, classes=dataset.classes))
+    model, _ = initial_model(config, dataset.classes)
     model.train()
     threads = torch.get_num_threads()
     reference = _gradients(model, batch, threads)
@@ -120,8 +117,9 @@ def bench_train(
             summary = train(config, progress=False, prefetch=prefetch, faster_roi_align=faster)
             runs[label] = (steps / (time.perf_counter() - start), summary["data_wait_fraction"])
         weights = {label: resolve_model(str(root / f"{label}.pt")).module.state_dict() for label in runs}
-        build_ms = batch_build_ms(config, batches=min(steps, 10))
-        differences = gradient_differences(config)
+        dataset = CocoTiles(config.images, config.annotations, config.preprocessing)
+        build_ms = batch_build_ms(dataset, config, batches=min(steps, 10))
+        differences = gradient_differences(dataset, config)
     reference = weights["reference"]
     same = all(torch.allclose(reference[k], weights["prefetched"][k], atol=1e-6) for k in reference)
     if not same:

@@ -224,7 +224,7 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def _initial_model(config: TrainConfig, classes: tuple[str, ...]):
+def initial_model(config: TrainConfig, classes: tuple[str, ...]):
     """(model, card) to start from: scratch, or ``init`` with predictors replaced when needed."""
     if config.init is None:
         card = ModelCard(
@@ -330,7 +330,7 @@ def train(
     """
     dataset = CocoTiles(config.images, config.annotations, config.preprocessing)
     torch.manual_seed(config.seed)
-    model, card = _initial_model(config, dataset.classes)
+    model, card = initial_model(config, dataset.classes)
     model.to(config.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
