@@ -8,7 +8,8 @@ prepared by the model card's preprocessing (:func:`pipeline.preprocess.model_inp
 the function inference uses), then augmented: flips, 90-degree rotations,
 scale jitter, gamma, contrast, blur and noise. Every step draws its
 randomness from ``(seed, step)``, so an interrupted run resumed from its
-training state continues exactly as it would have.
+training state continues exactly as it would have (to float rounding when it
+resumes on another device: ``device`` is the one field a resume may change).
 
 Fine-tuning: with ``init`` set, the initial model's backbone, FPN and RPN are
 kept; when its classes differ from the dataset's, the box and mask predictors
@@ -268,6 +269,12 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def _run_identity(config: dict) -> dict:
+    """The fields of a config that decide what is trained; a run moves between devices
+    (started on a CPU, resumed on a GPU) and stays the same run."""
+    return {name: value for name, value in config.items() if name != "device"}
+
+
 def _save_state(path: str, model, optimizer, step: int, config: TrainConfig, card: ModelCard):
     tmp = f"{path}.tmp"
     torch.save(
@@ -339,7 +346,7 @@ def train(
     start = 0
     if os.path.exists(state_path):
         state = torch.load(state_path, map_location=config.device, weights_only=True)
-        if state["config"] != asdict(config):
+        if _run_identity(state["config"]) != _run_identity(asdict(config)):
             raise ValueError(
                 f"{state_path} belongs to a different training configuration; remove it to start over"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -110,6 +111,37 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_archive, tmp_path
     b = resolve_model(str(tmp_path / "resumed.pt")).module.state_dict()
     for name in a:
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+
+
+def test_a_training_state_resumes_on_another_device_but_not_under_another_config(
+    tiny_archive, tmp_path, monkeypatch
+):
+    root, annotations = tiny_archive
+    run = config(root, annotations, tmp_path / "m.pt", steps=4)
+    real_sample = CocoTiles.sample
+    calls = {"n": 0}
+
+    def crash_after_two_steps(self, index, rng):
+        calls["n"] += 1
+        if calls["n"] > 2 * run.batch_size:
+            raise KeyboardInterrupt("simulated kill")
+        return real_sample(self, index, rng)
+
+    monkeypatch.setattr(CocoTiles, "sample", crash_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, progress=False)
+    monkeypatch.setattr(CocoTiles, "sample", real_sample)
+    state_path = tmp_path / "m.pt.train-state"
+    state = torch.load(state_path, weights_only=True)
+    assert state["step"] == 2
+    state["config"]["device"] = "cuda"
+    torch.save(state, state_path)
+
+    with pytest.raises(ValueError, match="different training configuration"):
+        train(replace(run, lr=run.lr / 2), progress=False)
+    train(run, progress=False)
+    assert not state_path.exists()
+    assert resolve_model(str(tmp_path / "m.pt")).card.training["steps"] == 4
 
 
 def test_fine_tuning_keeps_backbone_and_replaces_predictors(tiny_archive, tmp_path, random_model_path):
