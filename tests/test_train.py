@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from jobs import train as train_job
+from pipeline import train as train_module
 from pipeline.model import resolve_model
 from pipeline.preprocess import Preprocessing
-from pipeline.train import CocoTiles, TrainConfig, augment, diameter_range, train
+from pipeline.train import TrainConfig, augment, diameter_range, train
 
 
 @pytest.fixture(scope="module")
@@ -85,26 +86,30 @@ def test_the_diameter_range_leaves_out_the_few_objects_cut_by_a_tile_edge():
     assert diameter_range([]) is None
 
 
+def killed_from_step(kill_step: int):
+    """``training_batch`` that raises KeyboardInterrupt (a kill) when asked for step ``kill_step`` or
+    later: batches are built ahead on threads, so the kill is tied to a step, not to a call count."""
+    real = train_module.training_batch
+
+    def build(dataset, config, step):
+        if step >= kill_step:
+            raise KeyboardInterrupt("simulated kill")
+        return real(dataset, config, step)
+
+    return build
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tiny_archive, tmp_path, monkeypatch):
     root, annotations = tiny_archive
     straight = config(root, annotations, tmp_path / "straight.pt", steps=6)
     train(straight, progress=False)
 
     resumed = config(root, annotations, tmp_path / "resumed.pt", steps=6)
-    real_sample = CocoTiles.sample
-    calls = {"n": 0}
-
-    def crash_after_four_steps(self, index, rng):
-        calls["n"] += 1
-        if calls["n"] > 4 * resumed.batch_size:
-            raise KeyboardInterrupt("simulated kill")
-        return real_sample(self, index, rng)
-
-    monkeypatch.setattr(CocoTiles, "sample", crash_after_four_steps)
+    monkeypatch.setattr(train_module, "training_batch", killed_from_step(4))
     with pytest.raises(KeyboardInterrupt):
         train(resumed, progress=False)
-    assert (tmp_path / "resumed.pt.train-state").exists()
-    monkeypatch.setattr(CocoTiles, "sample", real_sample)
+    assert torch.load(tmp_path / "resumed.pt.train-state", weights_only=True)["step"] == 4
+    monkeypatch.undo()
     train(resumed, progress=False)
 
     a = resolve_model(str(tmp_path / "straight.pt")).module.state_dict()
@@ -118,19 +123,10 @@ def test_a_training_state_resumes_on_another_device_but_not_under_another_config
 ):
     root, annotations = tiny_archive
     run = config(root, annotations, tmp_path / "m.pt", steps=4)
-    real_sample = CocoTiles.sample
-    calls = {"n": 0}
-
-    def crash_after_two_steps(self, index, rng):
-        calls["n"] += 1
-        if calls["n"] > 2 * run.batch_size:
-            raise KeyboardInterrupt("simulated kill")
-        return real_sample(self, index, rng)
-
-    monkeypatch.setattr(CocoTiles, "sample", crash_after_two_steps)
+    monkeypatch.setattr(train_module, "training_batch", killed_from_step(2))
     with pytest.raises(KeyboardInterrupt):
         train(run, progress=False)
-    monkeypatch.setattr(CocoTiles, "sample", real_sample)
+    monkeypatch.undo()
     state_path = tmp_path / "m.pt.train-state"
     state = torch.load(state_path, weights_only=True)
     assert state["step"] == 2
