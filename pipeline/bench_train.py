@@ -12,8 +12,11 @@ a short warm-up:
 * ``default``: batches ahead and, on CPU, :mod:`pipeline.roi_align_grad`'s
   kernel (what ``jobs.train`` does).
 
-``reference`` and ``prefetched`` see identical batches and end with the same
-weights (``same_weights``). ``default``'s gradients differ from torchvision's
+``reference`` and ``prefetched`` see identical batches and, on CPU, end with
+the same weights (``same_weights``; on CUDA it is None: torchvision's RoIAlign
+backward adds with atomics there, so two runs of the same batches part by
+rounding, which an H200 run showed; the batches' identity is tested on CPU by
+``tests/test_train.py``). ``default``'s gradients differ from torchvision's
 by float rounding: ``gradient_difference`` is the largest difference of one
 step's parameter gradients (relative to each tensor's largest gradient),
 beside ``gradient_difference_threads``, the same between torchvision's kernel
@@ -64,8 +67,8 @@ def _gradients(model: torch.nn.Module, batch: list, threads: int) -> dict[str, t
 def gradient_differences(dataset: CocoTiles, config: TrainConfig) -> dict[str, float]:
     """``gradient_difference`` (this project's RoIAlign backward against torchvision's) and
     ``gradient_difference_threads`` (torchvision's on one thread against all of torch's) on the
-    first batch of ``config``, for the model training starts from: the largest difference over the
-    parameters, relative to each tensor's largest gradient."""
+    first batch of ``config``, for the model training starts from, on CPU whatever the run's device:
+    the largest difference over the parameters, relative to each tensor's largest gradient."""
     batch = training_batch(dataset, config, 0)
     torch.manual_seed(config.seed)
     model, _ = initial_model(config, dataset.classes)
@@ -121,9 +124,11 @@ def bench_train(
         build_ms = batch_build_ms(dataset, config, batches=min(steps, 10))
         differences = gradient_differences(dataset, config)
     reference = weights["reference"]
-    same = all(torch.allclose(reference[k], weights["prefetched"][k], atol=1e-6) for k in reference)
-    if not same:
-        raise AssertionError("prefetched training ended with other weights than the in-line run")
+    same = None
+    if device == "cpu":
+        same = all(torch.allclose(reference[k], weights["prefetched"][k], atol=1e-6) for k in reference)
+        if not same:
+            raise AssertionError("prefetched training ended with other weights than the in-line run")
     rate = {label: steps_per_s for label, (steps_per_s, _) in runs.items()}
     return {
         "steps": steps,
