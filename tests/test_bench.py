@@ -172,4 +172,6 @@ def test_train_benchmark_times_three_runs_and_checks_how_they_end():
     assert row["batch_build_ms"] > 0
     for run in ("reference", "prefetched", "default"):
         assert row[f"steps_per_s_{run}"] > 0 and 0 <= row[f"data_wait_{run}"] <= 1
-    assert row["speedup"] == round(row["steps_per_s_default"] / row["steps_per_s_reference"], 3)
+    # The ratio of the unrounded rates; the rates are printed rounded to 3 decimals.
+    ratio = row["steps_per_s_default"] / row["steps_per_s_reference"]
+    assert row["speedup"] == pytest.approx(ratio, rel=0.01)
