@@ -13,7 +13,7 @@ import torch
 from jobs._cli import ArgumentParser, fail_usage
 from pipeline.model import ARCHITECTURES, ModelLoadError
 from pipeline.preprocess import parse_channel
-from pipeline.train import TrainConfig, train
+from pipeline.train import PREFETCH_BATCHES, TrainConfig, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half", action="store_true", help="store weights as fp16 (halves the file)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=PREFETCH_BATCHES,
+        help=f"batches built ahead on this many threads (default {PREFETCH_BATCHES}; 0: each built when "
+        "its step starts); raise it when the summary shows the model waiting for batches",
+    )
+    parser.add_argument(
         "--channel",
         default="max",
         help="input channel the model is trained on and its card records: max (default), rgb, "
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.require_positive(
         args, "steps", "batch_size", "checkpoint_every", *(["threads"] if args.threads is not None else [])
     )
+    if args.prefetch < 0:
+        parser.error("--prefetch must be at least 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     if args.threads:
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         normalize=args.normalize,
     )
     try:
-        summary = train(config)
+        summary = train(config, prefetch=args.prefetch)
     except (ModelLoadError, FileNotFoundError) as exc:
         return fail_usage(parser.prog, str(exc))
     if summary:

@@ -13,7 +13,7 @@ from jobs import train as train_job
 from pipeline import train as train_module
 from pipeline.model import resolve_model
 from pipeline.preprocess import Preprocessing
-from pipeline.train import TrainConfig, augment, diameter_range, train
+from pipeline.train import PREFETCH_BATCHES, TrainConfig, augment, diameter_range, train
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,22 @@ def test_the_train_job_reports_loss_and_waiting_and_refuses_a_wrong_flag_in_one_
         assert exited.value.code == 2, flag
         message = f"jobs.train: error: {flag} must be at least 1 (see --help)"
         assert capsys.readouterr().err.strip().splitlines() == [message]
+    with pytest.raises(SystemExit) as exited:
+        train_job.main([*common, "--prefetch", "-1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "jobs.train: error: --prefetch must be at least 0 (see --help)"
+    ]
+
+
+def test_the_train_job_builds_as_many_batches_ahead_as_asked(tiny_archive, tmp_path, monkeypatch):
+    root, annotations = tiny_archive
+    asked = []
+    monkeypatch.setattr(train_job, "train", lambda config, prefetch: asked.append(prefetch) or {})
+    common = ["--images", str(root), "--annotations", str(annotations), "--output", str(tmp_path / "m.pt")]
+    for argv in ([], ["--prefetch", "0"], ["--prefetch", "12"]):
+        assert train_job.main([*common, *argv]) == 0
+    assert asked == [PREFETCH_BATCHES, 0, 12]
 
 
 def test_the_diameter_range_leaves_out_the_few_objects_cut_by_a_tile_edge():
