@@ -7,6 +7,7 @@ python -m jobs.synth DEST --whole-slides --slides 2 [--size 3072] [--seed 0]
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 
@@ -44,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of tiles whose nuclei sit in a faint cell body, a dim crescent beside each "
         f"(default {TRAINING.cytoplasm_fraction}: the bundled model was chosen without them)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="processes rendering tiles (default: this machine's cores; the archive is the same for any)",
+    )
     args = parser.parse_args(argv)
     args.size = args.size or (3072 if args.whole_slides else 256)
-    parser.require_positive(args, "slides", "tiles_per_slide", "size")
+    parser.require_positive(args, "slides", "tiles_per_slide", "size", "workers")
     if args.whole_slides:
         if args.shift or args.empty_fraction is not None or args.cell_bodies is not None:
             parser.error("--shift, --empty-fraction and --cell-bodies are for tile archives")
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size,
         seed=args.seed,
         look=look,
+        workers=min(args.workers, args.slides * args.tiles_per_slide),
     )
     print(f"wrote {args.slides * args.tiles_per_slide} tiles and {path}")
     return 0

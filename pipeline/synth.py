@@ -52,7 +52,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -568,6 +571,17 @@ def tile_paths(dest: str | Path) -> list[Path]:
     return sorted(p for p in Path(dest).rglob("tile-*") if p.suffix in (".png", ".tif"))
 
 
+def _write_tile(
+    dest: Path, seed: int, size: int, look: Appearance, slide_and_index: tuple[int, int]
+) -> tuple[str, list[dict]]:
+    """Render and write one tile; return its path relative to ``dest`` and its annotations."""
+    slide, index = slide_and_index
+    tile = render_tile(seed, slide, index, size, look)
+    file_name = f"slide-{slide:03d}/tile-{index:04d}{tile.suffix}"
+    (dest / file_name).write_bytes(tile.encoded())
+    return file_name, tile_annotations(tile.instances, tile.labels)
+
+
 def write_archive(
     dest: str | Path,
     *,
@@ -576,24 +590,32 @@ def write_archive(
     size: int = 256,
     seed: int = 0,
     look: Appearance = TRAINING,
+    workers: int = 1,
 ) -> Path:
     """Write the archive and its COCO ground truth; return the annotations path.
 
     Image ``file_name`` in the COCO file is the tile path relative to ``dest``
     (``slide-000/tile-0000.png`` or ``.tif``); image ids count from 1 in that order.
+    ``workers`` processes render the tiles (each tile is a function of its
+    ``(seed, slide, tile)``, so the archive is the same for any number).
     """
     dest = Path(dest)
-    images, annotations = [], []
     for slide in range(slides):
         (dest / f"slide-{slide:03d}").mkdir(parents=True, exist_ok=True)
-        for index in range(tiles_per_slide):
-            tile = render_tile(seed, slide, index, size, look)
-            file_name = f"slide-{slide:03d}/tile-{index:04d}{tile.suffix}"
-            (dest / file_name).write_bytes(tile.encoded())
-            image_id = len(images) + 1
-            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-            for annotation in tile_annotations(tile.instances, tile.labels):
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
+    keys = [(slide, index) for slide in range(slides) for index in range(tiles_per_slide)]
+    write = partial(_write_tile, dest, seed, size, look)
+    if workers > 1:
+        # Spawned, not forked: a caller may hold threads (torch, Ray) that a fork would copy mid-lock.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            written = list(pool.map(write, keys, chunksize=max(1, len(keys) // (4 * workers))))
+    else:
+        written = [write(key) for key in keys]
+    images, annotations = [], []
+    for file_name, tile_objects in written:
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        for annotation in tile_objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
     coco = {
         "info": {"description": f"synthetic nuclei, seed {seed}", "version": "2"},
         "images": images,

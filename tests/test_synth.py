@@ -30,6 +30,18 @@ from pipeline.synth import (
 from tests.helpers import run_job
 
 
+def test_an_archive_written_by_several_processes_is_the_one_written_by_one(tmp_path):
+    one = write_archive(tmp_path / "one", slides=2, tiles_per_slide=5, size=64, seed=4)
+    three = write_archive(tmp_path / "three", slides=2, tiles_per_slide=5, size=64, seed=4, workers=3)
+
+    def files(root):
+        return sorted(path.relative_to(root) for path in root.rglob("*") if path.is_file())
+
+    assert len(files(one.parent)) == 11 and files(one.parent) == files(three.parent)
+    for name in files(one.parent):
+        assert (one.parent / name).read_bytes() == (three.parent / name).read_bytes(), name
+
+
 def test_ground_truth_round_trips_to_the_drawn_masks(tmp_path):
     coco_path = write_archive(tmp_path, slides=2, tiles_per_slide=3, size=128, seed=3)
     coco = json.loads(coco_path.read_text())
@@ -237,6 +249,10 @@ def test_synth_command_writes_background_only_archives_and_refuses_a_bad_fractio
     wrong = run_job("jobs.synth", str(tmp_path / "b"), "--empty-fraction", "2", timeout=120)
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
         "jobs.synth: error: --empty-fraction must be in [0, 1] (see --help)"
+    ]
+    no_workers = run_job("jobs.synth", str(tmp_path / "c"), "--workers", "0", timeout=120)
+    assert no_workers.returncode == 2 and no_workers.stderr.strip().splitlines() == [
+        "jobs.synth: error: --workers must be at least 1 (see --help)"
     ]
 
 
