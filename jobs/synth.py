@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=len(os.sched_getaffinity(0)),
+        default=os.cpu_count() or 1,
         help="processes rendering tiles (default: this machine's cores; the archive is the same for any)",
     )
     args = parser.parse_args(argv)
