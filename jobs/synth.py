@@ -1,7 +1,7 @@
 """Write a synthetic nuclei archive with COCO ground truth: tiles, or whole slides (SVS).
 
 python -m jobs.synth DEST --slides 4 --tiles-per-slide 16 --size 256 --seed 0 \
-    [--shift NAME] [--empty-fraction F] [--cell-bodies F]
+    [--shift NAME] [--empty-fraction F] [--cell-bodies F] [--workers N]
 python -m jobs.synth DEST --whole-slides --slides 2 [--size 3072] [--seed 0]
 """
 

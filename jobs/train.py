@@ -2,6 +2,7 @@
 
     python -m jobs.train --images DIR --annotations coco.json --output model.pt \
         [--init CHECKPOINT | torchvision:maskrcnn_resnet50_fpn] [--arch NAME] [--steps N]
+        [--device cpu|cuda] [--prefetch N]
 """
 
 from __future__ import annotations
