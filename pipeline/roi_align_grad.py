@@ -113,6 +113,10 @@ def _fixed_grids(model: nn.Module) -> bool:
     return all(pooler.sampling_ratio > 0 for pooler in poolers)
 
 
+def _on_cpu(model: nn.Module) -> bool:
+    return all(parameter.device.type == "cpu" for parameter in model.parameters())
+
+
 def _same_arguments() -> bool:
     """Whether this torchvision's op takes the arguments :func:`roi_align_backward` does."""
     schema = torch.ops.torchvision._roi_align_backward.default._schema
@@ -124,10 +128,10 @@ def _same_arguments() -> bool:
 @contextmanager
 def faster_backward(model: nn.Module) -> Iterator[bool]:
     """While the block runs, :func:`roi_align_backward` serves torchvision's backward of RoIAlign on
-    CPU tensors (CUDA keeps its own kernel), when every RoIAlign of ``model`` has a fixed sampling
-    grid and torchvision's op takes the same arguments; yields whether it does. torchvision's CPU
-    kernel is back when the block ends."""
-    if not (_fixed_grids(model) and _same_arguments()):
+    CPU tensors, when ``model`` is on the CPU (on CUDA torchvision's kernel serves, nothing is
+    registered), every RoIAlign of it has a fixed sampling grid and torchvision's op takes the same
+    arguments; yields whether it does. torchvision's CPU kernel is back when the block ends."""
+    if not (_on_cpu(model) and _fixed_grids(model) and _same_arguments()):
         yield False
         return
     library = torch.library.Library("torchvision", "IMPL")

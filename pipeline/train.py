@@ -360,7 +360,7 @@ def train(
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
     with (
         ThreadPoolExecutor(max(prefetch, 1), thread_name_prefix="train-batches") as pool,
-        faster_backward(model) if faster_roi_align and config.device == "cpu" else contextlib.nullcontext(),
+        faster_backward(model) if faster_roi_align else contextlib.nullcontext(),
     ):
         build = functools.partial(training_batch, dataset, config)
         steps = range(start, config.steps)

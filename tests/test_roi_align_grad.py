@@ -75,6 +75,10 @@ def test_the_kernel_serves_autograd_only_inside_the_block_and_only_for_fixed_gri
     with faster_backward(adaptive) as active:
         assert not active
         backward_with_adaptive_grid()
+    off_the_cpu = torch.nn.Sequential(MultiScaleRoIAlign(["0"], 7, sampling_ratio=2), torch.nn.Linear(2, 2))
+    with faster_backward(off_the_cpu.to("meta")) as active:
+        assert not active
+        backward_with_adaptive_grid()
 
 
 def test_an_op_with_other_arguments_keeps_torchvisions_kernel(monkeypatch):
