@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size,
         seed=args.seed,
         look=look,
-        workers=min(args.workers, args.slides * args.tiles_per_slide),
+        workers=args.workers,
     )
     print(f"wrote {args.slides * args.tiles_per_slide} tiles and {path}")
     return 0

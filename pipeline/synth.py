@@ -604,6 +604,7 @@ def write_archive(
         (dest / f"slide-{slide:03d}").mkdir(parents=True, exist_ok=True)
     keys = [(slide, index) for slide in range(slides) for index in range(tiles_per_slide)]
     write = partial(_write_tile, dest, seed, size, look)
+    workers = min(workers, len(keys))
     if workers > 1:
         # Spawned, not forked: a caller may hold threads (torch, Ray) that a fork would copy mid-lock.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
