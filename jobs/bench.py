@@ -3,7 +3,7 @@
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
 python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR]
-    [--cell-bodies F] [--scale auto|F] [--json]
+    [--cell-bodies F] [--scale auto|F] [--tta none|flips|dihedral] [--json]
 python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
 python -m jobs.bench slide [--slides 2] [--size 4096] [--tile-size 1024] [--model M] [--device D] [--json]
 python -m jobs.bench train [--steps 20] [--size 256] [--batch-size 4] [--device cpu|cuda] [--json]
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from jobs._cli import ArgumentParser, scale_factor
+from pipeline.card import TTA_MODES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         type=scale_factor,
         default="auto",
         help="jobs.segment --scale for every archive (default auto; 1: native size, the reference)",
+    )
+    robust.add_argument(
+        "--tta", choices=TTA_MODES, default="none", help="jobs.segment --tta for every archive (default none)"
     )
     robust.add_argument("--json", action="store_true", help="one JSON object per archive")
     scale = sub.add_parser("scale", help="plan generated listings; resume scan of markers on S3 (no model)")
@@ -173,6 +177,7 @@ def _robustness(parser, args) -> int:
         real=args.real,
         cell_bodies=args.cell_bodies,
         scale=args.scale,
+        tta=args.tta,
     )
     if args.json:
         for row in rows:

@@ -15,7 +15,7 @@ import sys
 
 from jobs._cli import ArgumentParser, fail_usage, scale_factor
 from pipeline import lock, segment, storage
-from pipeline.card import ModelLoadError
+from pipeline.card import TTA_MODES, ModelLoadError
 from pipeline.plan import PlanError
 from pipeline.preprocess import parse_channel
 
@@ -67,6 +67,13 @@ def _parser() -> ArgumentParser:
         "12 px; masks and measurements stay in the image's pixels; slides: use --mpp), or auto: "
         "enlarge an image whose objects, found at native size, are under 1.5x the smallest the model "
         "was trained on (the card's object_diameter_px) (default auto)",
+    )
+    model.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        help="test-time augmentation: the model also sees each image mirrored (flips: 4 views) or "
+        "mirrored and transposed (dihedral: 8 views), and each object's detections are fused; one "
+        "forward pass per view (default none)",
     )
     model.add_argument(
         "--pixel-size-um",
@@ -211,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "mpp": args.mpp,
         "mpp_override": args.mpp_override,
         "tissue": args.tissue,
+        "tta": args.tta,
     }
     execution = segment.ExecutionSettings(
         address=args.address,

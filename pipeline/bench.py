@@ -42,7 +42,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from pipeline import evaluate, features, masks, paste, segment, synth
+from pipeline import commit, evaluate, features, masks, paste, segment, storage, synth
 from pipeline.infer import detect
 from pipeline.model import resolve_model
 from pipeline.plan import plain_image_row
@@ -451,6 +451,7 @@ def bench_robustness(
     workdir: Path | None = None,
     cell_bodies: float | None = None,
     scale: float | str = "auto",
+    tta: str = "none",
 ) -> list[dict[str, object]]:
     """Segment and score the in-distribution archive, every shifted archive, a background-only
     archive (no nucleus: its instances are all false) and ``real`` (if given).
@@ -463,13 +464,12 @@ def bench_robustness(
     images with ``*_labels.*`` instance label images beside them
     (:func:`pipeline.evaluate.label_images_to_coco`). ``cell_bodies``: the
     fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`). ``scale``:
-    the segment job's ``--scale``.
+    the segment job's ``--scale``; ``tta``: its ``--tta``.
 
-    Returns one dict per archive: ``archive``, ``images``, ``enlarged`` (the fraction of images the
-    model saw enlarged), ``instances``,
-    ``truth`` (ground-truth instances), ``AP50``, ``AP`` (mask), ``F1`` (mask IoU 0.5, one-to-one),
-    ``count_mae``,
-    ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
+    Returns one dict per archive: ``archive``, ``tta`` (as the run pinned it), ``images``,
+    ``enlarged`` (the fraction of images the model saw enlarged), ``instances``, ``truth``
+    (ground-truth instances), ``AP50``, ``AP`` (mask), ``F1`` (mask IoU 0.5, one-to-one),
+    ``count_mae``, ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
     (the APs are None for an archive without a true instance).
     """
     import ray
@@ -490,12 +490,13 @@ def bench_robustness(
         segment.connect_ray("local")
         report = segment.new_run(
             str(dest),
-            segment.PinnedSettings(source=str(source), model=model, scale=scale),
+            segment.PinnedSettings(source=str(source), model=model, scale=scale, tta=tta),
             segment.ExecutionSettings(replicas=1, progress=False),
         )
         if report.failed or report.images_error:
             raise RuntimeError(f"robustness run not clean: {segment.format_report(report)}")
         images = read_table(str(dest), "images", ["uri", "scale"])
+        pinned = commit.read_json(storage.join(str(dest), "run.json"))["settings"]
         rows = []
         for name, folder in archives:
             coco = _truth_under(source / folder, root / f"truth-{folder}.json")
@@ -505,6 +506,7 @@ def bench_robustness(
             rows.append(
                 {
                     "archive": name,
+                    "tta": pinned["tta"],
                     "images": int(scores["images"]),
                     "enlarged": round(float((scales > 1).mean()), 3),
                     "instances": int(scores["instances"]),

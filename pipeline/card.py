@@ -22,6 +22,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+TTA_MODES = ("none", "flips", "dihedral")
+"""Test-time augmentation: the image alone, its 4 mirror images, or all 8 symmetries of the square
+(:data:`pipeline.tta.VIEWS`)."""
+
+
 class ModelLoadError(ValueError):
     """A model spec that cannot be resolved or a checkpoint that cannot be loaded safely."""
 
@@ -66,6 +71,10 @@ class ModelCard:
             (:class:`pipeline.preprocess.Preprocessing`); a checkpoint written
             without one gets :data:`pipeline.preprocess.LEGACY`, which says so.
         score_threshold, mask_threshold, max_detections: default thresholds.
+        tta_score_thresholds: the default score threshold under each test-time
+            augmentation (``--tta``) that has its own: fused scores run lower
+            than one view's (a view that misses an object adds 0), so the best
+            threshold is lower; a mode not listed takes ``score_threshold``.
         largest_object_px: the largest object the model is meant to find, in
             input pixels; the default window overlap on whole slides.
         object_diameter_px: equivalent-circle diameters (px) of the objects it
@@ -88,11 +97,16 @@ class ModelCard:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     max_detections: int = 500
+    tta_score_thresholds: dict[str, float] = field(default_factory=dict)
     largest_object_px: int = 64
     object_diameter_px: tuple[float, float] | None = None
     mpp: float | None = None
     preprocessing: Preprocessing = preprocess.LEGACY
     training: dict[str, Any] = field(default_factory=dict)
+
+    def default_score_threshold(self, tta: str = "none") -> float:
+        """The score threshold a run takes when ``--score-threshold`` is not given."""
+        return self.tta_score_thresholds.get(tta, self.score_threshold)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
@@ -145,5 +159,7 @@ class InferenceSettings:
     """Factor plain images (and their windows) are resampled by before the model, or ``"auto"``
     (per image, :func:`pipeline.infer.automatic_scale`, from the card's ``object_diameter_px``);
     slide windows are read at ``--mpp`` and never resampled here."""
+    tta: str = "none"
+    """Test-time augmentation, one of :data:`TTA_MODES`."""
     schema_version: str = SCHEMA_VERSION
     """The table schema version of the run (a run resumed keeps the version it started with)."""

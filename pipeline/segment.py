@@ -113,6 +113,9 @@ class PinnedSettings:
     """µm per level-0 pixel of every slide, replacing the slides' own."""
     tissue: str = "auto"
     """Where windows are laid on slides: ``auto`` (found tissue) or ``all``."""
+    tta: str = "none"
+    """Test-time augmentation (:mod:`pipeline.tta`): ``none``, ``flips`` (4 views) or ``dihedral`` (8);
+    runs made before it had none."""
 
     def slide_settings(self) -> SlideSettings:
         """How the plan lays windows on slides (``tile_overlap`` must be resolved)."""
@@ -254,7 +257,7 @@ def _resolved_thresholds(pinned: PinnedSettings, card: ModelCard) -> PinnedSetti
     return PinnedSettings(
         **{
             **asdict(pinned),
-            "score_threshold": card.score_threshold
+            "score_threshold": card.default_score_threshold(pinned.tta)
             if pinned.score_threshold is None
             else pinned.score_threshold,
             "mask_threshold": card.mask_threshold if pinned.mask_threshold is None else pinned.mask_threshold,
@@ -578,6 +581,7 @@ def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_siz
         slide_mpp_override=pinned.mpp_override,
         tile_size=pinned.tile_size,
         tile_overlap=pinned.tile_overlap or 0,
+        tta=pinned.tta,
         schema_version=schema_version,
     )
 

@@ -30,17 +30,25 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import masks, paste, postprocess
+from pipeline import masks, paste, postprocess, tta
 from pipeline.card import InferenceSettings, ModelCard
 from pipeline.columns import InstanceColumns
 from pipeline.concurrency import bounded_map
 from pipeline.decode import DecodeError, RawImage, one_line
-from pipeline.infer import Detections, autocast_dtype, automatic_scale, detect
+from pipeline.infer import Detections, autocast_dtype, automatic_scale
 from pipeline.inputs import Input, InputReader
 from pipeline.model import build_model, configure
 from pipeline.preprocess import Intensity, PreprocessingError, model_input
 from pipeline.windows import Grid, Window, cut_into_windows, owned_crops_in_image
 from schemas import IMAGES, SCHEMA_VERSION, at_version, instances_schema
+
+Found = Detections | tta.ViewDetections
+"""What the model found on one input: its detections, or with ``--tta`` its views' detections."""
+
+
+def _plain(found: Found) -> Detections:
+    """The detections on the input as it is (one view)."""
+    return found.plain if isinstance(found, tta.ViewDetections) else found
 
 
 @dataclass
@@ -78,7 +86,9 @@ class ShardProcessor:
         self.device = torch.device(device)
         model = build_model(card)
         model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
-        configure(model, score_threshold=settings.score_threshold, max_detections=settings.max_detections)
+        self.views = tta.VIEWS[settings.tta]
+        per_view_threshold = settings.score_threshold if len(self.views) == 1 else tta.VIEW_SCORE_FLOOR
+        configure(model, score_threshold=per_view_threshold, max_detections=settings.max_detections)
         self.model = model.eval().to(self.device)
         self.autocast = autocast_dtype(self.device)
         self.prefetch = prefetch or max(2 * settings.batch_size, 4)
@@ -120,10 +130,12 @@ class ShardProcessor:
         except PreprocessingError as exc:
             return DecodeError("unsupported", one_line(exc))
 
-    def infer(self, arrays: list[np.ndarray], scale: float = 1.0) -> list[Detections | DecodeError]:
+    def infer(self, arrays: list[np.ndarray], scale: float = 1.0) -> list[Found | DecodeError]:
         """Detections per image of a same-size batch of model inputs (C, H, W), resampled by ``scale``
         before the network (boxes in the inputs' own pixels).
 
+        With test-time augmentation (``settings.tta``) the model runs on each view of the batch
+        and an image's result holds its views' detections (fused later, where it is encoded).
         If the batch raises, each image is retried alone; an image that still
         raises gets a ``DecodeError("inference", ...)`` instead of detections.
 
@@ -131,15 +143,23 @@ class ShardProcessor:
         """
         with self._device_lock:
             try:
-                return list(detect(self.model, self.to_device(arrays), autocast=self.autocast, scale=scale))
+                images = self.to_device(arrays)
+                per_view = tta.detect_views(
+                    self.model, images, self.views, autocast=self.autocast, scale=scale
+                )
             except (RuntimeError, ValueError) as exc:
                 if len(arrays) == 1:
                     return [DecodeError("inference", one_line(exc))]
-        return [self.infer([a], scale)[0] for a in arrays]
+                per_view = None
+        if per_view is None:
+            return [self.infer([a], scale)[0] for a in arrays]
+        if len(self.views) == 1:
+            return per_view[0]
+        return [tta.ViewDetections(views) for views in zip(*per_view, strict=True)]
 
     def infer_scaled(
         self, arrays: list[np.ndarray], kinds: list[str]
-    ) -> tuple[list[Detections | DecodeError], list[float]]:
+    ) -> tuple[list[Found | DecodeError], list[float]]:
         """:meth:`infer` at each input's scale: (detections, factors), in input order.
 
         ``kinds``: per input, ``"image"`` (a plain image sent whole), ``"window"`` (a window of a
@@ -147,16 +167,17 @@ class ShardProcessor:
         resolution). A fixed ``settings.scale`` applies to images and their windows; ``"auto"``
         runs everything at native size, then again, enlarged, the whole images whose objects
         were small (:func:`pipeline.infer.automatic_scale`; windows stay native). The sizes are
-        those of detections scoring at least the card's default threshold, whatever the run's
-        ``--score-threshold`` (a low one lets through fragments and specks that would look small).
+        those of detections scoring at least the card's ``score_threshold``, whatever the run's
+        ``--score-threshold`` (a low one lets through fragments and specks that would look small);
+        with ``--tta``, of the image as it is (one view), as without it.
         """
         smallest = self.card.object_diameter_px[0] if self.card.object_diameter_px else None
         confident = self.card.score_threshold
         if self.settings.scale == "auto":
             results = self.infer(arrays)
             factors = [
-                automatic_scale(found.diameters(self.settings.mask_threshold, confident), smallest)
-                if kind == "image" and smallest and isinstance(found, Detections)
+                automatic_scale(_plain(found).diameters(self.settings.mask_threshold, confident), smallest)
+                if kind == "image" and smallest and not isinstance(found, DecodeError)
                 else 1.0
                 for kind, found in zip(kinds, results, strict=True)
             ]
@@ -171,7 +192,7 @@ class ShardProcessor:
         return results, factors
 
     def _encode(
-        self, row: dict, unit: Input, pieces: list[tuple[Window | None, Detections]]
+        self, row: dict, unit: Input, pieces: list[tuple[Window | None, Found]]
     ) -> tuple[InstanceColumns, dict]:
         """The image's instance rows (every field of the instances schema) and counts of dropped ones.
 
@@ -224,9 +245,14 @@ class ShardProcessor:
             found[f"{name}_um"] = found[name] * um
         return found, counts
 
-    def _pasted(self, raw: RawImage, window: Window | None, detections: Detections) -> InstanceColumns:
-        """One piece's detections by descending score, masks pasted in their boxes (in the image's
-        frame: a window's are moved into the image and only those its core owns are kept)."""
+    def _pasted(self, raw: RawImage, window: Window | None, found: Found) -> InstanceColumns:
+        """One piece's detections (its views' fused first) by descending score, masks pasted in their
+        boxes (in the image's frame: a window's are moved into the image and only those its core owns
+        are kept)."""
+        detections = found
+        if isinstance(found, tta.ViewDetections):
+            threshold, most = self.settings.score_threshold, self.settings.max_detections
+            detections = found.fused(score_threshold=threshold, max_detections=most)
         order = torch.argsort(-detections.scores, stable=True)
         boxes = detections.boxes[order]
         size = raw.size if window is None else (window.size, window.size)
@@ -384,7 +410,7 @@ class ShardProcessor:
         }
         return ShardOutput(instances, images, summary)
 
-    def _timed_encode(self, row: dict, found: Input, pieces: list[tuple[Window | None, Detections]]):
+    def _timed_encode(self, row: dict, found: Input, pieces: list[tuple[Window | None, Found]]):
         t = time.perf_counter()
         return self._encode(row, found, pieces), time.perf_counter() - t
 

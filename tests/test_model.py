@@ -131,3 +131,15 @@ def test_card_rejects_unknown_keys():
         ModelCard.from_dict({**card.to_dict(), "thresh": 1})
     with pytest.raises(ModelLoadError, match="unknown architecture"):
         build_model(ModelCard(name="x", architecture="nope", classes=("a",)))
+
+
+def test_a_card_may_give_each_test_time_augmentation_its_own_score_threshold():
+    card = ModelCard(
+        name="x",
+        architecture="maskrcnn_resnet18_fpn_lite",
+        classes=("a",),
+        score_threshold=0.8,
+        tta_score_thresholds={"flips": 0.7},
+    )
+    assert [card.default_score_threshold(m) for m in ("none", "flips", "dihedral")] == [0.8, 0.7, 0.8]
+    assert ModelCard.from_dict(card.to_dict()) == card

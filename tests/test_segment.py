@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from jobs import segment as segment_job
 from jobs import stats as stats_job
 from pipeline import segment
+from pipeline.card import ModelCard
 from pipeline.export import write_geojson
 from pipeline.model import resolve_model
 from pipeline.stats import per_slide
@@ -141,11 +142,24 @@ def test_resume_refuses_different_settings(finished_run, capsys):
     assert "different settings" in err and len(err.splitlines()) == 1
     assert run("--resume", finished_run, "--scale", "2") == 2
     assert "scale: run has 'auto', asked 2.0" in capsys.readouterr().err
+    assert run("--resume", finished_run, "--tta", "flips") == 2
+    assert "tta: run has 'none', asked 'flips'" in capsys.readouterr().err
+
+
+def test_a_run_takes_the_cards_threshold_for_its_test_time_augmentation_unless_given_one():
+    card = ModelCard(
+        name="x", architecture="a", classes=("n",), score_threshold=0.8, tta_score_thresholds={"flips": 0.7}
+    )
+    resolved = [
+        segment._resolved_thresholds(segment.PinnedSettings(source="s", **given), card).score_threshold
+        for given in ({}, {"tta": "flips"}, {"tta": "dihedral"}, {"tta": "flips", "score_threshold": 0.6})
+    ]
+    assert resolved == [0.8, 0.7, 0.8, 0.6]
 
 
 def test_runs_made_before_a_setting_existed_resume_as_they_were_made():
     made_before = segment.pinned_from_run_json({"source": "s"})
-    assert (made_before.tile_size, made_before.scale) == (None, 1.0)
+    assert (made_before.tile_size, made_before.scale, made_before.tta) == (None, 1.0, "none")
     new = segment.PinnedSettings(source="s", scale=2.0)
     assert segment.pinned_from_run_json(asdict(new)) == new
     assert segment.PinnedSettings(source="s").scale == "auto"
@@ -249,6 +263,7 @@ def test_s3_source_and_destination(ray_local, archive, random_model_path, s3_buc
         (["{archive}", "--output", "{tmp}/x", "--tile-overlap", "3"], "--tile-overlap must be even"),
         (["{archive}", "--output", "{tmp}/x", "--mpp", "0"], "--mpp must be > 0"),
         (["{archive}", "--output", "{tmp}/x", "--tissue", "some"], "invalid choice"),
+        (["{archive}", "--output", "{tmp}/x", "--tta", "rotations"], "invalid choice: 'rotations'"),
         (["{archive}", "--output", "{tmp}/x", "--score-threshold", "2"], "must be in [0, 1]"),
         (["{archive}", "--output", "{tmp}/x", "--scale", "0"], "--scale: must be auto or a factor in (0, 8]"),
         (["{archive}", "--output", "{tmp}/x", "--scale", "big"], "a factor in (0, 8], got 'big'"),

@@ -80,7 +80,7 @@ def test_an_image_the_model_raises_on_is_isolated(processor, archive, monkeypatc
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_detect(model, images, **kwargs)
 
-    monkeypatch.setattr("pipeline.worker.detect", detect_failing_on_one)
+    monkeypatch.setattr("pipeline.tta.detect", detect_failing_on_one)
     output = processor.process(rows_for(paths))
     assert output.images.column("status").to_pylist() == ["ok", "inference", "ok"]
     assert "illegal memory access" in output.images.column("error").to_pylist()[1]
