@@ -2,9 +2,9 @@
 views' detections of one object are fused into one instance.
 
 Nuclei have no orientation, so a view of an image is as good an input as the
-image itself, and the views' mistakes differ: a speck or a noise patch the
-model calls a nucleus in one view it often does not in the others, and a mask
-averaged over views follows the outline more closely. :func:`detect_views`
+image itself; the model's outputs on the views differ a little, and their
+mean follows an object's outline more closely than any one of them (README,
+"Test-time augmentation", has the measured gains). :func:`detect_views`
 runs the model on each view (a batch per view) and maps the detections back
 into the image's frame (:func:`from_view`); :func:`fuse` (run by the
 worker's encode threads, so the device does not wait for it) groups them,
