@@ -21,7 +21,7 @@ from pipeline.plan import plain_image_row
 from pipeline.synth import tile_paths
 from pipeline.worker import InferenceSettings, ShardProcessor
 from schemas import instances_schema
-from tests.helpers import prepared_tensor
+from tests.helpers import painted_nuclei_png, prepared_tensor
 
 
 @pytest.fixture(scope="module")
@@ -143,24 +143,8 @@ def test_the_replica_writes_the_instances_schema_with_raw_intensities_per_channe
             assert row["area_um2"] is None and row["perimeter_um"] is None
 
 
-def _painted_image(path, width: int, height: int, seed: int) -> list[tuple[float, float, float]]:
-    """A grey PNG of soft-edged bright nuclei (two on the seams of 512 px windows overlapping by 64)."""
-    rng = np.random.default_rng(seed)
-    discs = [(448.0, 300.0, 15.0), (896.0, 448.0, 15.0)]
-    while len(discs) < 50:
-        x, y, r = rng.uniform(30, width - 30), rng.uniform(30, height - 30), rng.uniform(9, 16)
-        if all((x - a) ** 2 + (y - b) ** 2 > (r + c + 12) ** 2 for a, b, c in discs):
-            discs.append((x, y, r))
-    labels = np.zeros((height, width), np.uint8)
-    for x, y, r in discs:
-        cv2.ellipse(labels, (round(x), round(y)), (round(r), round(r * 0.8)), 0, 0, 360, 1, -1)
-    signal = cv2.GaussianBlur(labels.astype(np.float32), (0, 0), 1.2) * 150
-    cv2.imwrite(str(path), np.clip(12 + signal + rng.normal(0, 2, signal.shape), 0, 255).astype(np.uint8))
-    return discs
-
-
 def test_an_image_larger_than_a_window_is_decoded_once_and_segmented_in_windows(tmp_path, monkeypatch):
-    discs = _painted_image(tmp_path / "big.png", 1400, 1100, seed=5)
+    discs = painted_nuclei_png(tmp_path / "big.png", 1400, 1100, seed=5)
     loaded = resolve_model(None)
     settings = InferenceSettings(
         score_threshold=0.5,
