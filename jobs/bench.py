@@ -128,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'image':>9} {'instances':>9} {'reference s':>12} {'pipeline s':>11} {'speedup':>8} "
-        f"{'features s':>11} {'growth':>7}"
+        f"{'features s':>11} {'growth':>7} {'continuous s':>13} {'ratio':>6}"
     )
     for r in results:
         print(
             f"{r['size']:>7}^2 {r['instances']:>9} {r['reference_s']:>12.4f} {r['pipeline_s']:>11.4f} "
-            f"{r['speedup']:>7.1f}x {r['features_s']:>11.4f} {r['feature_growth']:>6.0%}"
+            f"{r['speedup']:>7.1f}x {r['features_s']:>11.4f} {r['feature_growth']:>6.0%} "
+            f"{r['continuous_s']:>13.4f} {r['continuous_ratio']:>5.2f}x"
         )
     return 0
 

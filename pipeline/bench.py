@@ -3,7 +3,7 @@
 ``masks``: torchvision's full-canvas route (``paste_masks_in_image``, threshold,
 ``pycocotools.mask.encode`` of full masks, ``cv2.findContours`` on full masks)
 against :func:`pipeline.paste.encode` on the same inputs, asserting identical
-RLE strings.
+RLE strings; and the same encoding with the continuous paste beside it.
 
 ``pipeline``: the bare forward pass over preloaded, already-decoded tensors
 (the ceiling) against the whole segment job on the same images, same batch
@@ -153,7 +153,9 @@ def bench_masks(
     features_s)``). Raises AssertionError if any RLE string differs between
     the reference and the pipeline. ``decode_*`` time reading the stored
     RLEs back inside their boxes (:func:`decode_seconds`), what evaluation
-    does per object.
+    does per object. ``continuous_s`` is :func:`pipeline.paste.encode` with the
+    continuous paste (:data:`pipeline.card.MASK_PASTES`) on the same inputs,
+    and ``continuous_ratio`` its time over ``pipeline_s``.
     """
     masks.compile_kernels()  # as a replica does at start-up
     results = []
@@ -168,6 +170,7 @@ def bench_masks(
             differing = sum(a != b for a, b in zip(reference, ours["rle"], strict=True))
             raise AssertionError(f"{differing} of {count} RLE strings differ at {size}^2")
         features_s = feature_seconds(*args, pixels, repeats)
+        continuous_s, _ = _best_of(partial(paste.encode, *args, pixels, "continuous"), repeats)
         decode_reference_s, decode_s = decode_seconds(ours["rle"], ours["_mask_box"], image_size, repeats)
         results.append(
             {
@@ -179,6 +182,8 @@ def bench_masks(
                 "speedup": round(reference_s / pipeline_s, 1),
                 "features_s": round(features_s, 4),
                 "feature_growth": round(features_s / max(pipeline_s - features_s, 1e-9), 3),
+                "continuous_s": round(continuous_s, 4),
+                "continuous_ratio": round(continuous_s / pipeline_s, 2),
                 "decode_reference_s": round(decode_reference_s, 6),
                 "decode_s": round(decode_s, 6),
                 "decode_speedup": round(decode_reference_s / decode_s, 1),

@@ -27,6 +27,13 @@ TTA_MODES = ("none", "flips", "dihedral")
 (:data:`pipeline.tta.VIEWS`)."""
 
 
+MASK_PASTES = ("torchvision", "continuous")
+"""How a mask grid is pasted into its box (:func:`pipeline.paste.paste_on_device`): ``torchvision``,
+exactly ``paste_masks_in_image`` (Detectron's convention: the box is widened by a pixel, its corners
+taken as pixel indices); ``continuous``, each pixel centre sampled in the box taken as continuous
+coordinates (Detectron2's convention, the one the training boxes follow)."""
+
+
 class ModelLoadError(ValueError):
     """A model spec that cannot be resolved or a checkpoint that cannot be loaded safely."""
 
@@ -75,6 +82,9 @@ class ModelCard:
             augmentation (``--tta``) that has its own: fused scores run lower
             than one view's (a view that misses an object adds 0), so the best
             threshold is lower; a mode not listed takes ``score_threshold``.
+        mask_paste: how the mask grids are pasted into their boxes, one of
+            :data:`MASK_PASTES`; a checkpoint written without one gets
+            ``torchvision`` (its masks as before).
         largest_object_px: the largest object the model is meant to find, in
             input pixels; the default window overlap on whole slides.
         object_diameter_px: equivalent-circle diameters (px) of the objects it
@@ -98,6 +108,7 @@ class ModelCard:
     mask_threshold: float = 0.5
     max_detections: int = 500
     tta_score_thresholds: dict[str, float] = field(default_factory=dict)
+    mask_paste: str = "torchvision"
     largest_object_px: int = 64
     object_diameter_px: tuple[float, float] | None = None
     mpp: float | None = None
@@ -128,6 +139,8 @@ class ModelCard:
                 data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
             except preprocess.PreprocessingError as exc:
                 raise ModelLoadError(f"model card: {exc}") from None
+        if data.get("mask_paste", "torchvision") not in MASK_PASTES:
+            raise ModelLoadError(f"model card: mask_paste {data['mask_paste']!r} is not one of {MASK_PASTES}")
         return cls(**data)
 
 
@@ -161,5 +174,7 @@ class InferenceSettings:
     slide windows are read at ``--mpp`` and never resampled here."""
     tta: str = "none"
     """Test-time augmentation, one of :data:`TTA_MODES`."""
+    mask_paste: str = "torchvision"
+    """The model card's ``mask_paste``, one of :data:`MASK_PASTES`."""
     schema_version: str = SCHEMA_VERSION
     """The table schema version of the run (a run resumed keeps the version it started with)."""

@@ -582,6 +582,7 @@ def _inference_settings(pinned: PinnedSettings, loaded: ResolvedModel, batch_siz
         tile_size=pinned.tile_size,
         tile_overlap=pinned.tile_overlap or 0,
         tta=pinned.tta,
+        mask_paste=loaded.card.mask_paste,
         schema_version=schema_version,
     )
 

@@ -57,6 +57,11 @@ PREFETCH_BATCHES = 4
 most NumPy work release the GIL). A batch of four 256-px tiles takes 50-60 ms of one CPU core to
 build (BENCHMARKS.md, "Training"): built in line, a GPU whose step is shorter would wait for it."""
 
+TRAINED_MASK_PASTE = "continuous"
+"""The card's ``mask_paste`` for a model trained here: its target boxes are COCO's, continuous
+coordinates with x1 the right edge of the last pixel, so its mask grids are pasted in those
+(README, "How masks are pasted")."""
+
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
@@ -382,6 +387,7 @@ def train(
     card = replace(
         card,
         object_diameter_px=dataset.object_diameter_px(),
+        mask_paste=TRAINED_MASK_PASTE,
         training={
             **asdict(config),
             "seconds_this_session": round(loop_seconds, 1),

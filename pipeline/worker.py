@@ -256,7 +256,9 @@ class ShardProcessor:
         order = torch.argsort(-detections.scores, stable=True)
         boxes = detections.boxes[order]
         size = raw.size if window is None else (window.size, window.size)
-        crops = paste.paste_on_device(detections.mask_probs[order], boxes, size, self.settings.mask_threshold)
+        crops = paste.paste_on_device(
+            detections.mask_probs[order], boxes, size, self.settings.mask_threshold, self.settings.mask_paste
+        )
         boxes = boxes.cpu().numpy()
         owned = touching = np.zeros(len(crops), bool)
         if window is not None:

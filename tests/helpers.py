@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import psutil
 import torch
+import torch.nn.functional as F
 
 from pipeline.decode import RawImage, read_and_decode
 from pipeline.preprocess import Preprocessing, model_input
@@ -26,6 +27,21 @@ def prepared_tensor(uri: str, preprocessing: Preprocessing) -> torch.Tensor:
     assert isinstance(raw, RawImage), raw
     prepared = model_input(raw.pixels, preprocessing, channel_names=raw.channel_names)
     return torch.from_numpy(prepared).expand(3, -1, -1)
+
+
+def continuous_reference(
+    probs: torch.Tensor, boxes: torch.Tensor, i: int, size: tuple[int, int], threshold: float
+) -> np.ndarray:
+    """Instance i's mask grid pasted over the whole image (H, W) = ``size`` in continuous coordinates
+    (Detectron2's paste): every pixel centre (x + 0.5, y + 0.5) sampled in the box's grid, zero
+    outside it; bool (H, W) of probability >= ``threshold``."""
+    height, width = size
+    x0, y0, x1, y1 = boxes[i]
+    along_x = ((torch.arange(width, dtype=torch.float32) + 0.5) - x0) / (x1 - x0) * 2 - 1
+    along_y = ((torch.arange(height, dtype=torch.float32) + 0.5) - y0) / (y1 - y0) * 2 - 1
+    grid = torch.stack([along_x[None, :].expand(height, -1), along_y[:, None].expand(-1, width)], -1)
+    sampled = F.grid_sample(probs[i][None, None], grid[None], padding_mode="zeros", align_corners=False)
+    return (sampled[0, 0] >= threshold).numpy()
 
 
 def painted_slide(

@@ -28,6 +28,7 @@ def test_masks_benchmark_json_has_the_keys_and_checks_rle():
         assert row["reference_s"] > 0 and row["pipeline_s"] > 0 and row["features_s"] > 0
         assert row["feature_growth"] > 0
         assert row["decode_reference_s"] > 0 and row["decode_s"] > 0 and row["decode_speedup"] > 0
+        assert row["continuous_s"] > 0 and row["continuous_ratio"] > 0
 
 
 def test_pipeline_benchmark_runs_on_a_tiny_input_and_reports_the_keys(random_model_path):

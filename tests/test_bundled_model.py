@@ -22,10 +22,17 @@ def prepared(loaded, pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(model_input(pixels, loaded.card.preprocessing)).expand(3, -1, -1)
 
 
+def pasted(loaded, found, size: tuple[int, int]):
+    """``found``'s masks pasted and encoded as a run of the bundled model does (its card's threshold and
+    paste)."""
+    card = loaded.card
+    return paste.encode(found.mask_probs, found.boxes, size, card.mask_threshold, convention=card.mask_paste)
+
+
 def detections(loaded, pixels: np.ndarray, scale: float = 1.0):
     """The bundled model's non-empty instances on raw pixels (H, W[, C]), through its card's preprocessing."""
     found = detect(loaded.module, [prepared(loaded, pixels)], scale=scale)[0]
-    encoded = paste.encode(found.mask_probs, found.boxes, pixels.shape[:2], loaded.card.mask_threshold)
+    encoded = pasted(loaded, found, pixels.shape[:2])
     return encoded.filter(encoded["area"] > 0)
 
 
@@ -63,11 +70,11 @@ def test_the_size_estimate_agrees_with_the_pasted_masks():
     loaded = resolve_model(None)
     tile = render_tile(seed=424242, slide=0, tile=1, size=256)
     found = detect(loaded.module, [prepared(loaded, tile.pixels)])[0]
-    pasted = paste.encode(found.mask_probs, found.boxes, (256, 256), loaded.card.mask_threshold)["area"]
+    areas = pasted(loaded, found, (256, 256))["area"]
     estimated = found.diameters(loaded.card.mask_threshold)
-    kept = pasted > 0
+    kept = areas > 0
     assert kept.sum() > 10
-    ratio = estimated[kept] / (2 * np.sqrt(pasted[kept] / np.pi))
+    ratio = estimated[kept] / (2 * np.sqrt(areas[kept] / np.pi))
     assert abs(np.median(ratio) - 1) < 0.08 and np.percentile(np.abs(ratio - 1), 90) < 0.15
 
 

@@ -1,5 +1,6 @@
-"""Box-local masks (:mod:`pipeline.paste` then :mod:`pipeline.masks`) against torchvision's paste +
-pycocotools as the reference (DESIGN invariants 1, 2)."""
+"""Box-local masks (:mod:`pipeline.paste` then :mod:`pipeline.masks`) against full-canvas pastes
+(torchvision's, and ``grid_sample`` over the whole image for the continuous convention) + pycocotools
+as the reference (DESIGN invariants 1, 2)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from pipeline import masks
+from pipeline import paste as paste_module
 from pipeline.columns import InstanceColumns
 from pipeline.masks import Crop
-from pipeline.paste import encode, paste, paste_batched
+from pipeline.paste import encode, paste, paste_batched, paste_continuous
+from tests.helpers import continuous_reference
 
 
 def polygon_of(crop: Crop):
@@ -128,6 +131,60 @@ def test_batched_paste_differs_from_exact_only_within_rounding_of_threshold(case
             assert np.abs(window[differing] - threshold).max() <= 1e-6
 
 
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mask_cases())
+def test_continuous_paste_equals_grid_sample_over_the_whole_image(case):
+    probs, boxes, size, threshold = case
+    crops = paste_continuous(probs, boxes, size, threshold)
+    encoded = encode(probs, boxes, size, threshold, convention="continuous")
+    for i, crop in enumerate(crops):
+        reference = continuous_reference(probs, boxes, i, size, threshold)
+        assert np.array_equal(full_mask(crop, size), reference)
+        expected = mask_utils.encode(np.asfortranarray(reference.astype(np.uint8)))
+        assert encoded["rle"][i] == expected["counts"].decode("ascii")
+        assert encoded["area"][i] == reference.sum()
+
+
+def test_continuous_paste_batches_by_size_and_gives_each_crop_as_alone(monkeypatch):
+    rng = np.random.default_rng(3)
+    n, size = 40, (300, 400)
+    probs = torch.tensor(rng.random((n, 28, 28)), dtype=torch.float32)
+    xy = rng.uniform(-20, 380, (n, 2))
+    wh = np.exp(rng.uniform(0, np.log(150), (n, 2)))
+    boxes = torch.tensor(np.concatenate([xy, xy + wh], 1), dtype=torch.float32)
+    alone = [paste_continuous(probs[i : i + 1], boxes[i : i + 1], size, 0.5)[0] for i in range(n)]
+    monkeypatch.setattr(paste_module, "CONTINUOUS_BATCH_PIXELS", 5000)
+    assert (
+        len(paste_module._batches_by_size([c.mask.shape[0] for c in alone], [c.mask.shape[1] for c in alone]))
+        > 5
+    )
+    batched = paste_continuous(probs, boxes, size, 0.5)
+    for a, b in zip(alone, batched, strict=True):
+        assert (a.x0, a.y0) == (b.x0, b.y0) and np.array_equal(a.mask, b.mask)
+
+
+def test_a_full_grid_fills_its_box_exactly_in_continuous_coordinates_and_a_pixel_more_in_torchvisions():
+    """Box [10, 17) x [20, 29): pixels 10-16 and 20-28, as COCO's and the training targets' boxes
+    mean. torchvision's paste takes the corners as pixel indices, widens the box by 30 / 28 and
+    truncates it: 9 columns and 11 rows."""
+    probs = torch.ones((1, 28, 28))
+    boxes = torch.tensor([[10.0, 20.0, 17.0, 29.0]])
+    expected = np.zeros((40, 40), bool)
+    expected[20:29, 10:17] = True
+    continuous = full_mask(paste_continuous(probs, boxes, (40, 40), 0.5)[0], (40, 40))
+    assert np.array_equal(continuous, expected)
+    legacy = full_mask(paste(probs, boxes, (40, 40), 0.5)[0], (40, 40))
+    assert legacy.any(axis=0).sum() == 9 and legacy.any(axis=1).sum() == 11
+    assert legacy[expected].all()
+
+
+def test_an_unknown_convention_is_refused():
+    with pytest.raises(ValueError, match="unknown mask paste 'detectron'"):
+        encode(
+            torch.ones((1, 28, 28)), torch.tensor([[0.0, 0.0, 5.0, 5.0]]), (8, 8), 0.5, convention="detectron"
+        )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batched_paste_matches_cpu():
     rng = np.random.default_rng(0)
@@ -141,6 +198,9 @@ def test_cuda_batched_paste_matches_cpu():
     differing = [i for i in range(n) if cpu["rle"][i] != cuda["rle"][i]]
     # Only pixels whose probability is within float rounding of the threshold may flip.
     assert len(differing) <= n // 100
+    cpu = encode(probs, boxes, size, 0.5, convention="continuous")
+    cuda = encode(probs.cuda(), boxes.cuda(), size, 0.5, convention="continuous")
+    assert sum(cpu["rle"][i] != cuda["rle"][i] for i in range(n)) <= n // 100
 
 
 def test_rle_of_full_height_crop_spans_columns():

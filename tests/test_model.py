@@ -133,6 +133,16 @@ def test_card_rejects_unknown_keys():
         build_model(ModelCard(name="x", architecture="nope", classes=("a",)))
 
 
+def test_a_card_says_how_its_masks_are_pasted_and_older_cards_keep_torchvisions_paste():
+    written_before = ModelCard(name="x", architecture="maskrcnn_resnet18_fpn_lite", classes=("a",)).to_dict()
+    del written_before["mask_paste"]
+    assert ModelCard.from_dict(written_before).mask_paste == "torchvision"
+    assert ModelCard.from_dict({**written_before, "mask_paste": "continuous"}).mask_paste == "continuous"
+    with pytest.raises(ModelLoadError, match="mask_paste 'centre' is not one of"):
+        ModelCard.from_dict({**written_before, "mask_paste": "centre"})
+    assert resolve_model(None).card.mask_paste == "continuous"
+
+
 def test_a_card_may_give_each_test_time_augmentation_its_own_score_threshold():
     card = ModelCard(
         name="x",

@@ -48,6 +48,7 @@ def test_loss_falls_and_checkpoint_loads_weights_only(tiny_archive, tmp_path):
     assert loaded.card.preprocessing == Preprocessing(channel="max", normalize="percentile")
     areas = [a["area"] for a in json.loads(annotations.read_text())["annotations"]]
     assert loaded.card.object_diameter_px == diameter_range(areas)
+    assert loaded.card.mask_paste == "continuous"
     assert not (tmp_path / "m.pt.train-state").exists()
     assert 0 <= summary["data_wait_fraction"] < 1
 

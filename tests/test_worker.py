@@ -14,14 +14,14 @@ import tifffile
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline import infer, inputs
+from pipeline import infer, inputs, paste
 from pipeline.concurrency import bounded_map
 from pipeline.model import resolve_model
 from pipeline.plan import plain_image_row
 from pipeline.synth import tile_paths
 from pipeline.worker import InferenceSettings, ShardProcessor
 from schemas import instances_schema
-from tests.helpers import painted_nuclei_png, prepared_tensor
+from tests.helpers import continuous_reference, painted_nuclei_png, prepared_tensor
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,38 @@ def test_the_replica_writes_the_instances_schema_with_raw_intensities_per_channe
             assert row["axis_major_length_um"] == pytest.approx(row["axis_major_length"] * 0.5)
         else:
             assert row["area_um2"] is None and row["perimeter_um"] is None
+
+
+def test_a_card_that_pastes_in_continuous_coordinates_gets_exactly_those_masks(random_model_path, archive):
+    """The setting reaches the paste: each stored RLE is the detection's grid sampled at every pixel
+    centre of the whole image (the full-canvas reference), not torchvision's paste."""
+    loaded = resolve_model(str(random_model_path))
+    settings = InferenceSettings(
+        score_threshold=0.0,
+        mask_threshold=0.5,
+        max_detections=loaded.card.max_detections,
+        batch_size=1,
+        max_pixels=200 * 200,
+        preprocessing=loaded.card.preprocessing,
+        mask_paste="continuous",
+    )
+    processor = ShardProcessor(loaded.card, loaded.module.state_dict(), settings)
+    uri = str(tile_paths(archive)[0])
+    stored = processor.process(rows_for([uri])).instances.to_pandas().sort_values("instance_id")
+    image = prepared_tensor(uri, loaded.card.preprocessing)
+    found = infer.detect(loaded.module, [image])[0]
+    order = torch.argsort(-found.scores, stable=True)
+    probs, boxes = found.mask_probs[order], found.boxes[order]
+    size = tuple(image.shape[-2:])
+    references = [continuous_reference(probs, boxes, i, size, 0.5) for i in range(len(order))]
+    expected = [
+        mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        for mask in references
+        if mask.any()
+    ]
+    assert len(expected) >= 5 and stored["rle"].tolist() == expected
+    torchvision_areas = paste.encode(probs, boxes, size, 0.5)["area"]
+    assert sum(torchvision_areas) > sum(mask.sum() for mask in references)
 
 
 def test_an_image_larger_than_a_window_is_decoded_once_and_segmented_in_windows(tmp_path, monkeypatch):
