@@ -6,7 +6,11 @@ sampled with replacement and built ahead on threads while the model trains
 :mod:`pipeline.roi_align_grad`'s. Images are decoded in their native bit depth and
 prepared by the model card's preprocessing (:func:`pipeline.preprocess.model_input`,
 the function inference uses), then augmented: flips, 90-degree rotations,
-scale jitter, gamma, contrast, blur and noise. Every step draws its
+scale jitter, gamma, contrast, blur and noise. Pixel coordinates are
+continuous throughout, as inference pastes them (``mask_paste: continuous``):
+scale jitter resizes masks at pixel centres like the image, and each mask
+target is sampled at its box's continuous coordinates
+(:func:`aligned_mask_targets`). Every step draws its
 randomness from ``(seed, step)``, so an interrupted run resumed from its
 training state continues exactly as it would have (to float rounding when it
 resumes on another device: ``device`` is the one field a resume may change).
@@ -36,8 +40,10 @@ import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from torchvision.models.detection import roi_heads
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from pipeline.concurrency import bounded_map
@@ -59,8 +65,9 @@ build (BENCHMARKS.md, "Training"): built in line, a GPU whose step is shorter wo
 
 TRAINED_MASK_PASTE = "continuous"
 """The card's ``mask_paste`` for a model trained here: its target boxes are COCO's, continuous
-coordinates with x1 the right edge of the last pixel, so its mask grids are pasted in those
-(README, "How masks are pasted")."""
+coordinates with x1 the right edge of the last pixel, and its mask targets are sampled in those
+(:func:`aligned_mask_targets`), so its mask grids are pasted in those (README, "How masks are
+pasted")."""
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -168,8 +175,8 @@ def diameter_range(areas) -> tuple[float, float] | None:
 def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Geometry and appearance augmentation of a prepared image (H, W, C) in [0, 1] and masks (N, H, W).
 
-    Flips and 90-degree rotations; scale jitter 0.7-1.4x (image bilinear,
-    masks nearest); gamma 0.6-1.6; contrast (gain 0.7-1.3, offset +-0.05);
+    Flips and 90-degree rotations; scale jitter 0.7-1.4x (:func:`resized`: image bilinear,
+    masks nearest, both at pixel centres); gamma 0.6-1.6; contrast (gain 0.7-1.3, offset +-0.05);
     Gaussian blur (sigma 0.3-1.5, 30% of samples); Gaussian noise (sigma up to
     0.04, 30% of samples); colour JPEG compression (quality 30-95, one
     channel tinted first, 25% of samples: scanners store slides as JPEG
@@ -184,14 +191,7 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> t
     image, masks = np.rot90(image, k, (0, 1)), np.rot90(masks, k, (1, 2))
     scale = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
     h, w = image.shape[:2]
-    size = (max(round(w * scale), 32), max(round(h * scale), 32))
-    image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_LINEAR)
-    image = image.reshape(size[1], size[0], -1)
-    masks = (
-        np.stack([cv2.resize(np.ascontiguousarray(m), size, interpolation=cv2.INTER_NEAREST) for m in masks])
-        if len(masks)
-        else np.zeros((0, size[1], size[0]), np.uint8)
-    )
+    image, masks = resized(image, masks, (max(round(w * scale), 32), max(round(h * scale), 32)))
     gamma, gain, offset = rng.uniform(0.6, 1.6), rng.uniform(0.7, 1.3), rng.uniform(-0.05, 0.05)
     image = np.clip(image, 0, 1) ** gamma * gain + offset
     if rng.random() < 0.3:
@@ -204,6 +204,45 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> t
         # (the largest entry is 1: a stain's own channel keeps its values)
         image = jpeg_roundtrip(image, int(rng.integers(30, 96)), tint)
     return image, masks
+
+
+def resized(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An image (H, W, C) and its masks (N, H, W) resampled to ``size`` (width, height), both with
+    pixel (x, y) centred at (x + 0.5, y + 0.5): the image bilinear, the masks nearest
+    (``cv2.INTER_NEAREST_EXACT``; plain ``INTER_NEAREST`` samples ``floor(x / scale)`` and moves
+    the masks 0.5-0.7 px right and down of the image at scales 0.7-1.4)."""
+    width, height = size
+    image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_LINEAR)
+    nearest = [
+        cv2.resize(np.ascontiguousarray(m), size, interpolation=cv2.INTER_NEAREST_EXACT) for m in masks
+    ]
+    masks = np.stack(nearest) if nearest else np.zeros((0, height, width), np.uint8)
+    return image.reshape(height, width, -1), masks
+
+
+def mask_targets_at_continuous_coordinates(
+    gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor, mask_size: int
+) -> torch.Tensor:
+    """Mask R-CNN's mask targets (P, M, M): each matched ground-truth mask (of ``gt_masks`` (G, H, W))
+    sampled at the M x M cell centres of its proposal box (P, 4), in continuous coordinates
+    (``roi_align(..., aligned=True)``, Detectron2's targets). torchvision's
+    ``project_masks_on_boxes`` uses ``aligned=False``, which samples half a pixel right and down of
+    the cell centres, so a model learns grids whose content lies half a pixel off its box."""
+    rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
+    return roi_align(gt_masks[:, None].to(rois), rois, (mask_size, mask_size), 1.0, aligned=True)[:, 0]
+
+
+@contextlib.contextmanager
+def aligned_mask_targets():
+    """While it lasts, torchvision's Mask R-CNN loss takes its mask targets from
+    :func:`mask_targets_at_continuous_coordinates` (``roi_heads.project_masks_on_boxes``, which
+    ``maskrcnn_loss`` calls, is replaced, then restored)."""
+    original = roi_heads.project_masks_on_boxes
+    roi_heads.project_masks_on_boxes = mask_targets_at_continuous_coordinates
+    try:
+        yield
+    finally:
+        roi_heads.project_masks_on_boxes = original
 
 
 def jpeg_roundtrip(image: np.ndarray, quality: int, tint: np.ndarray) -> np.ndarray:
@@ -366,6 +405,7 @@ def train(
     with (
         ThreadPoolExecutor(max(prefetch, 1), thread_name_prefix="train-batches") as pool,
         faster_backward(model) if faster_roi_align else contextlib.nullcontext(),
+        aligned_mask_targets(),
     ):
         build = functools.partial(training_batch, dataset, config)
         steps = range(start, config.steps)

@@ -8,12 +8,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torchvision.models.detection import roi_heads
 
 from jobs import train as train_job
 from pipeline import train as train_module
 from pipeline.model import resolve_model
+from pipeline.paste import paste_continuous
 from pipeline.preprocess import Preprocessing
-from pipeline.train import PREFETCH_BATCHES, TrainConfig, augment, diameter_range, train
+from pipeline.train import (
+    PREFETCH_BATCHES,
+    TrainConfig,
+    aligned_mask_targets,
+    augment,
+    boxes_from_masks,
+    diameter_range,
+    mask_targets_at_continuous_coordinates,
+    resized,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +215,64 @@ def test_augmentation_moves_masks_with_the_image_and_varies_appearance():
         assert out_masks[0].sum() > 0.4 * 200 and out_masks[1].sum() > 0.4 * 400
         looks.add(round(float(inside[0]), 2))
     assert len(looks) > 10  # gamma, contrast, noise and blur change the appearance
+
+
+def centroid(weights: np.ndarray) -> np.ndarray:
+    """(x, y) of a 2-D array's weighted pixel centres, pixel (x, y) centred at (x + 0.5, y + 0.5)."""
+    yy, xx = np.mgrid[0 : weights.shape[0], 0 : weights.shape[1]] + 0.5
+    return np.array([(weights * xx).sum(), (weights * yy).sum()]) / weights.sum()
+
+
+@pytest.mark.parametrize("scale", [0.7, 0.85, 1.2, 1.4])
+def test_scale_jitter_keeps_each_mask_on_its_object(scale):
+    """Resized, a disc's mask keeps the bilinear image's centroid (within 0.15 px; cv2's plain
+    INTER_NEAREST moved it 0.5-0.7 px right and down at these scales)."""
+    yy, xx = np.mgrid[0:256, 0:256] + 0.5
+    disc = ((xx - 100.8) ** 2 + (yy - 121.1) ** 2 < 15**2).astype(np.uint8)
+    side = round(256 * scale)
+    image, masks = resized(disc[..., None].astype(np.float32), disc[None], (side, side))
+    assert image.shape == (side, side, 1) and masks.shape == (1, side, side)
+    assert np.abs(centroid(masks[0].astype(float)) - centroid(image[..., 0])).max() < 0.15
+
+
+def test_mask_targets_are_sampled_at_the_boxes_continuous_coordinates():
+    """A disc's target grid over its own box, pasted back at the box's continuous coordinates, is the
+    disc again; torchvision's targets (``aligned=False``) land it half a pixel up and left."""
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    disc = ((xx - 30.3) ** 2 + (yy - 28.7) ** 2 < 9.5**2).astype(np.uint8)
+    masks = torch.from_numpy(disc[None])
+    box = torch.from_numpy(boxes_from_masks(disc[None]))
+    matched = torch.zeros(1, dtype=torch.int64)
+    offsets = {}
+    for name, targets in (
+        ("continuous", mask_targets_at_continuous_coordinates),
+        ("torchvision", roi_heads.project_masks_on_boxes),
+    ):
+        crop = paste_continuous(targets(masks, box, matched, 28), box, (64, 64), 0.5)[0]
+        pasted = np.zeros((64, 64))
+        h, w = crop.mask.shape
+        pasted[crop.y0 : crop.y0 + h, crop.x0 : crop.x0 + w] = crop.mask
+        offsets[name] = centroid(pasted) - centroid(disc.astype(float))
+        if name == "continuous":
+            assert (pasted.astype(bool) & disc.astype(bool)).sum() / (pasted + disc > 0).sum() > 0.97
+    assert np.abs(offsets["continuous"]).max() < 0.05
+    assert (offsets["torchvision"] < -0.3).all()
+
+
+def test_training_takes_its_mask_targets_at_continuous_coordinates(tiny_archive, tmp_path, monkeypatch):
+    """Every image of every step (2 x 2 here) gets its mask targets from our function, and
+    torchvision's is back in place after training."""
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args[1]))
+        return mask_targets_at_continuous_coordinates(*args)
+
+    original = roi_heads.project_masks_on_boxes
+    monkeypatch.setattr(train_module, "mask_targets_at_continuous_coordinates", counted)
+    root, annotations = tiny_archive
+    train(config(root, annotations, tmp_path / "m.pt", steps=2), progress=False)
+    assert len(calls) == 4 and min(calls) > 0
+    assert roi_heads.project_masks_on_boxes is original
+    with aligned_mask_targets():
+        assert roi_heads.project_masks_on_boxes is counted
