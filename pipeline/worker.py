@@ -150,12 +150,11 @@ class ShardProcessor:
             except (RuntimeError, ValueError) as exc:
                 if len(arrays) == 1:
                     return [DecodeError("inference", one_line(exc))]
-                per_view = None
-        if per_view is None:
-            return [self.infer([a], scale)[0] for a in arrays]
-        if len(self.views) == 1:
-            return per_view[0]
-        return [tta.ViewDetections(views) for views in zip(*per_view, strict=True)]
+            else:
+                if len(self.views) == 1:
+                    return per_view[0]
+                return [tta.ViewDetections(views) for views in zip(*per_view, strict=True)]
+        return [self.infer([a], scale)[0] for a in arrays]
 
     def infer_scaled(
         self, arrays: list[np.ndarray], kinds: list[str]
