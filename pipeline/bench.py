@@ -42,7 +42,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from pipeline import commit, evaluate, features, masks, paste, segment, storage, synth
+from pipeline import evaluate, features, masks, paste, segment, synth
 from pipeline.infer import detect
 from pipeline.model import resolve_model
 from pipeline.plan import plain_image_row
@@ -471,7 +471,7 @@ def bench_robustness(
     fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`). ``scale``:
     the segment job's ``--scale``; ``tta``: its ``--tta``.
 
-    Returns one dict per archive: ``archive``, ``tta`` (as the run pinned it), ``images``,
+    Returns one dict per archive: ``archive``, ``tta``, ``images``,
     ``enlarged`` (the fraction of images the model saw enlarged), ``instances``, ``truth``
     (ground-truth instances), ``AP50``, ``AP`` (mask), ``F1`` (mask IoU 0.5, one-to-one),
     ``count_mae``, ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
@@ -501,7 +501,6 @@ def bench_robustness(
         if report.failed or report.images_error:
             raise RuntimeError(f"robustness run not clean: {segment.format_report(report)}")
         images = read_table(str(dest), "images", ["uri", "scale"])
-        pinned = commit.read_json(storage.join(str(dest), "run.json"))["settings"]
         rows = []
         for name, folder in archives:
             coco = _truth_under(source / folder, root / f"truth-{folder}.json")
@@ -511,7 +510,7 @@ def bench_robustness(
             rows.append(
                 {
                     "archive": name,
-                    "tta": pinned["tta"],
+                    "tta": tta,
                     "images": int(scores["images"]),
                     "enlarged": round(float((scales > 1).mean()), 3),
                     "instances": int(scores["instances"]),
