@@ -143,24 +143,15 @@ def test_the_replica_writes_the_instances_schema_with_raw_intensities_per_channe
             assert row["area_um2"] is None and row["perimeter_um"] is None
 
 
-def test_a_card_that_pastes_in_continuous_coordinates_gets_exactly_those_masks(random_model_path, archive):
+def test_a_card_that_pastes_in_continuous_coordinates_gets_exactly_those_masks(processor, archive):
     """The setting reaches the paste: each stored RLE is the detection's grid sampled at every pixel
     centre of the whole image (the full-canvas reference), not torchvision's paste."""
-    loaded = resolve_model(str(random_model_path))
-    settings = InferenceSettings(
-        score_threshold=0.0,
-        mask_threshold=0.5,
-        max_detections=loaded.card.max_detections,
-        batch_size=1,
-        max_pixels=200 * 200,
-        preprocessing=loaded.card.preprocessing,
-        mask_paste="continuous",
-    )
-    processor = ShardProcessor(loaded.card, loaded.module.state_dict(), settings)
+    settings = replace(processor.settings, mask_paste="continuous")
+    continuous = ShardProcessor(processor.card, processor.model.state_dict(), settings)
     uri = str(tile_paths(archive)[0])
-    stored = processor.process(rows_for([uri])).instances.to_pandas().sort_values("instance_id")
-    image = prepared_tensor(uri, loaded.card.preprocessing)
-    found = infer.detect(loaded.module, [image])[0]
+    stored = continuous.process(rows_for([uri])).instances.to_pandas().sort_values("instance_id")
+    image = prepared_tensor(uri, processor.card.preprocessing)
+    found = infer.detect(processor.model, [image])[0]
     order = torch.argsort(-found.scores, stable=True)
     probs, boxes = found.mask_probs[order], found.boxes[order]
     size = tuple(image.shape[-2:])
