@@ -157,8 +157,9 @@ def paste_continuous(
     crops: list[Crop] = [Crop(_EMPTY, x0[i], y0[i]) for i in range(n)]
     for batch, h, w in _batches_by_size(heights, widths):
         index = torch.tensor(batch, device=probs.device)
-        along_x = continuous_sample_points(boxes[index][:, 0::2], bounds[index, 0], w)
-        along_y = continuous_sample_points(boxes[index][:, 1::2], bounds[index, 1], h)
+        chosen = boxes[index]
+        along_x = continuous_sample_points(chosen[:, 0::2], bounds[index, 0], w)
+        along_y = continuous_sample_points(chosen[:, 1::2], bounds[index, 1], h)
         grid = torch.stack(
             [along_x[:, None, :].expand(-1, h, -1), along_y[:, :, None].expand(-1, -1, w)], dim=-1
         )
