@@ -7,8 +7,13 @@ pixels: its level-0 extent is ``size * downsample``, it overlaps each
 neighbour by ``2 * margin`` level-0 pixels (``overlap`` window pixels), and
 it owns a *core*, the window less ``margin`` on every side. The cores are the
 cells of a grid of pitch ``extent - 2 * margin`` starting at the slide's
-origin, so they partition the slide; the first row and column of windows
-start at ``-margin`` (padded).
+origin, so they partition the slide. A window is centred on its core, except
+at the slide's edges: where the slide is at least one window wide (high), a
+window that would reach past its edge is moved inside it, so the model sees
+image there, not padding (zero-padded windows, which no training tile has,
+made the bundled model find a nucleus in the padding's edge). It still holds
+its core and ``margin`` beyond it wherever the slide goes on. Only a slide
+narrower (lower) than one window is padded.
 
 Ownership: an instance is kept only by the window whose core holds its
 centroid (level-0 coordinates). Each object is decided by one window alone,
@@ -151,6 +156,14 @@ class Grid:
         """(columns, rows) of cores covering a ``width`` x ``height`` level-0 slide."""
         return max(1, math.ceil(width / self.pitch)), max(1, math.ceil(height / self.pitch))
 
+    def _position(self, core_start: int, length: int) -> int:
+        """Level-0 start of the window of the core starting at ``core_start`` along a side of ``length``:
+        ``margin`` before the core, moved inside ``[0, length)`` when the side holds a whole window."""
+        start = core_start - self.margin
+        if length < self.extent:
+            return start
+        return min(max(start, 0), length - self.extent)
+
     def windows(
         self, width: int, height: int, keep: Callable[[int, int, int, int], bool] | None = None
     ) -> list[Window]:
@@ -161,7 +174,7 @@ class Grid:
         owned by cores, so a core without tissue has nothing to own.
         """
         columns, rows = self.shape(width, height)
-        pitch, margin = self.pitch, self.margin
+        pitch = self.pitch
         downsample = self.extent / self.size
         found = []
         for row in range(rows):
@@ -171,8 +184,8 @@ class Grid:
                     continue
                 found.append(
                     Window(
-                        x0 - margin,
-                        y0 - margin,
+                        self._position(x0, width),
+                        self._position(y0, height),
                         self.size,
                         downsample,
                         self.level,
@@ -223,9 +236,9 @@ def touches_mask(mask: np.ndarray, scale: float) -> Callable[[int, int, int, int
 
 
 def cut_into_windows(array: np.ndarray, grid: Grid) -> list[tuple[Window, np.ndarray]]:
-    """A model input (C, H, W) larger than one window, cut into ``grid``'s windows (zero-padded
-    beyond the image): (window, its input (C, size, size)) each, row by row. The image is prepared
-    once; each piece is a copy of its part."""
+    """A model input (C, H, W) larger than one window, cut into ``grid``'s windows (inside the image
+    along a side that holds a whole window, zero-padded along one that does not): (window, its input
+    (C, size, size)) each, row by row. The image is prepared once; each piece is a copy of its part."""
     channels, height, width = array.shape
     pieces = []
     for window in grid.windows(width, height):

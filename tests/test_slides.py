@@ -45,13 +45,17 @@ def test_a_window_is_the_slides_pixels_and_glass_beyond_its_edge(tmp_path):
     write_slide(tmp_path / "s.svs", pixels, compression="zlib")
     slide = Slide(str(tmp_path / "s.svs"))
     windows = Grid(256, 32, 1.0).windows(700, 600)  # pitch 224: 4 columns, 3 rows
-    inner, edge = windows[5], windows[0]
+    inner, first, last = windows[5], windows[0], windows[-1]
     assert (inner.x, inner.y) == (208, 208)
     np.testing.assert_array_equal(slide.read_window(inner), pixels[208:464, 208:464])
-    padded = slide.read_window(edge)
-    assert (edge.x, edge.y) == (-16, -16) and padded.shape == (256, 256, 3)
-    np.testing.assert_array_equal(padded[16:, 16:], pixels[:240, :240])
-    assert (padded[:16] == 7).all() and (padded[:, :16] == 7).all()
+    assert (first.x, first.y) == (0, 0) and (last.x, last.y) == (700 - 256, 600 - 256)  # moved inside
+    np.testing.assert_array_equal(slide.read_window(first), pixels[:256, :256])
+    np.testing.assert_array_equal(slide.read_window(last), pixels[-256:, -256:])
+    (larger,) = Grid(1024, 32, 1.0).windows(700, 600)  # a window larger than the slide reads glass beyond it
+    padded = slide.read_window(larger)
+    assert (larger.x, larger.y) == (-16, -16) and padded.shape == (1024, 1024, 3)
+    np.testing.assert_array_equal(padded[16:616, 16:716], pixels)
+    assert (padded[:16] == 7).all() and (padded[:, :16] == 7).all() and (padded[616:] == 7).all()
     slide.close()
 
 

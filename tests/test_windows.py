@@ -32,10 +32,17 @@ def test_cores_partition_the_slide_and_windows_hold_their_cores(
     )
     owners = np.sum([w.owns(x, y) for w in windows], axis=0)
     assert (owners == 1).all()  # every point of the slide belongs to exactly one core
+    margin, extent = grid.margin, grid.extent
     for w in windows:
-        assert w.x <= w.core_x0 and w.core_x1 <= w.x + w.extent
-        assert w.y <= w.core_y0 and w.core_y1 <= w.y + w.extent
-        assert w.core_x0 - w.x == grid.margin and w.x + w.extent - w.core_x1 == grid.margin
+        sides = ((w.x, w.core_x0, w.core_x1, width), (w.y, w.core_y0, w.core_y1, height))
+        for start, core0, core1, length in sides:
+            if length >= extent:  # inside the slide, holding its core and margin wherever the slide goes on
+                assert start >= 0 and start + extent <= length
+                assert start <= max(core0 - margin, 0) and min(core1 + margin, length) <= start + extent
+                if core0 - margin >= 0 and core1 + margin <= length:
+                    assert start == core0 - margin  # centred on its core away from the edges
+            else:  # one window wider than the slide: padded
+                assert start == core0 - margin and core1 + margin == start + extent
         assert Window.from_row(w.row()) == w
 
 
