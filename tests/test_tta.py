@@ -163,9 +163,10 @@ def test_a_shard_with_tta_stores_the_fused_instances(bundled_with_flips, archive
     path = tile_paths(archive)[0]
     tile = prepared_tensor(str(path), processor.settings.preprocessing)[:1].numpy().copy()
     (views,) = processor.infer([tile])
-    fused = views.fused(score_threshold=0.7, max_detections=100)
+    threshold = resolve_model(None).card.tta_score_thresholds["flips"]
+    fused = views.fused(score_threshold=threshold, max_detections=100)
     stored = processor.process([plain_image_row(str(path), 0, "s")]).instances
-    assert processor.settings.score_threshold == 0.7 and processor.settings.overlap_threshold == 1.0
+    assert processor.settings.score_threshold == threshold and processor.settings.overlap_threshold == 1.0
     assert np.allclose(sorted(stored.column("score").to_pylist()), sorted(fused.scores.tolist()))
 
 
