@@ -163,7 +163,7 @@ def test_a_shard_with_tta_stores_the_fused_instances(bundled_with_flips, archive
     path = tile_paths(archive)[0]
     tile = prepared_tensor(str(path), processor.settings.preprocessing)[:1].numpy().copy()
     (views,) = processor.infer([tile])
-    threshold = resolve_model(None).card.tta_score_thresholds["flips"]
+    threshold = processor.card.tta_score_thresholds["flips"]
     fused = views.fused(score_threshold=threshold, max_detections=100)
     stored = processor.process([plain_image_row(str(path), 0, "s")]).instances
     assert processor.settings.score_threshold == threshold and processor.settings.overlap_threshold == 1.0
