@@ -11,6 +11,9 @@ Conversion policy (documented in the README):
 * TIFF (tifffile, with imagecodecs for compressed files): the first series;
   of a stack (time, z, ...) the first plane, all channels (``C`` and samples);
   OME-TIFF channel names are kept; integers and floats as stored (float64 to float32);
+* 16-bit colour and grey-with-alpha PNG (imagecodecs; Pillow would keep only
+  the high byte of each value): RGB as stored, grey+alpha as grey, alpha
+  dropped;
 * other formats (Pillow): EXIF orientation applied (a rotated JPEG comes out
   upright); first frame; grey stays one channel (8- or 16-bit); palette and
   CMYK become RGB; alpha is dropped;
@@ -24,6 +27,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image, ImageOps
@@ -184,6 +188,45 @@ _SIGNATURES = (
 )
 
 
+PNG_COLOUR_TYPES_PILLOW_TRUNCATES = {2: "RGB", 4: "grey+alpha", 6: "RGBA"}
+"""PNG colour types that Pillow decodes to 8 bits when the file stores 16 bits per sample."""
+
+
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, None if it has none."""
+    if len(data) < 26 or data[12:16] != b"IHDR":
+        return None
+    return (
+        int.from_bytes(data[16:20], "big"),
+        int.from_bytes(data[20:24], "big"),
+        data[24],
+        data[25],
+    )
+
+
+def _png16_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError | None:
+    """A 16-bit colour or grey+alpha PNG decoded at full depth, or None for every other PNG.
+
+    Pillow reads these as 8-bit images (the high byte of each value); a
+    microscope's 16-bit RGB export would lose its low byte.
+    """
+    header = _png_header(data)
+    if header is None or header[2] != 16 or header[3] not in PNG_COLOUR_TYPES_PILLOW_TRUNCATES:
+        return None
+    width, height, _, colour_type = header
+    if width * height > max_pixels:
+        return DecodeError("too_large", f"{width}x{height} px exceeds --max-pixels {max_pixels}")
+    if width == 0 or height == 0:
+        return DecodeError("unsupported", f"zero-sized image ({width}x{height})")
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except imagecodecs.PngError as exc:
+        return DecodeError("decode", one_line(exc))
+    if colour_type == 4:
+        return RawImage(np.ascontiguousarray(pixels[..., :1]), ("gray",))
+    return RawImage(np.ascontiguousarray(pixels[..., :3]), default_channel_names(3, rgb=True))
+
+
 def sniff_format(data: bytes) -> str | None:
     """The image format named by the file's magic bytes (PNG, JPEG, TIFF, BMP, GIF, WEBP), or None."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -207,6 +250,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> RawImage | DecodeError:
             return DecodeError("unsupported", one_line(exc))
         except (OSError, EOFError, IndexError, KeyError) as exc:
             return DecodeError("decode", one_line(exc))
+    if sniff_format(data) == "PNG" and (png16 := _png16_pixels(data, max_pixels)) is not None:
+        return png16
     try:
         with warnings.catch_warnings():
             # Our own header check below is the limit; Pillow's hard limit

@@ -6,6 +6,7 @@ import io
 import warnings
 
 import cv2
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -72,6 +73,24 @@ def test_a_12_bit_camera_png_keeps_its_values(tmp_path):
     cv2.imwrite(str(path), values)
     raw = read_and_decode(str(path), max_pixels=MAX_PIXELS)
     assert raw.pixels.dtype == np.uint16 and np.array_equal(raw.pixels[..., 0], values)
+
+
+def test_16_bit_colour_pngs_keep_their_low_byte():
+    """OpenCV (BGR order) and imagecodecs write them; Pillow alone would keep only each value's high byte."""
+    red = (np.arange(30 * 40).reshape(30, 40) * 37 % 65536).astype(np.uint16)
+    green, blue = red // 2, red // 3
+    for channels in ([blue, green, red], [blue, green, red, np.full_like(red, 65535)]):
+        data = cv2.imencode(".png", np.dstack(channels))[1].tobytes()
+        raw = decode_image(data, max_pixels=MAX_PIXELS)
+        assert raw.pixels.dtype == np.uint16 and raw.channel_names == ("red", "green", "blue")
+        assert np.array_equal(raw.pixels, np.dstack([red, green, blue]))
+    grey_alpha = imagecodecs.png_encode(np.dstack([red, np.full_like(red, 65535)]))
+    raw = decode_image(grey_alpha, max_pixels=MAX_PIXELS)
+    assert raw.channel_names == ("gray",) and np.array_equal(raw.pixels[..., 0], red)
+    too_large = decode_image(data, max_pixels=30 * 40 - 1)
+    assert isinstance(too_large, DecodeError) and too_large.kind == "too_large"
+    truncated = decode_image(data[: len(data) // 2], max_pixels=MAX_PIXELS)
+    assert isinstance(truncated, DecodeError) and truncated.kind == "decode"
 
 
 def test_ome_tiff_channels_keep_their_names_and_values():
