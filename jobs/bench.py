@@ -2,7 +2,7 @@
 
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
-python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR]
+python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR ...]
     [--cell-bodies F] [--scale auto|F] [--tta none|flips|dihedral] [--json]
 python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
 python -m jobs.bench slide [--slides 2] [--size 4096] [--tile-size 1024] [--model M] [--device D] [--json]
@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     robust.add_argument("--tiles-per-slide", type=int, default=16)
     robust.add_argument("--size", type=int, default=256, help="tile side in px")
     robust.add_argument("--seed", type=int, default=0, help="archive seed (training used 100)")
-    robust.add_argument("--real", type=Path, help="folder of real images with *_labels.* label images beside")
+    robust.add_argument(
+        "--real",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of real images with *_labels.* label images beside (repeat for several; a row each)",
+    )
     robust.add_argument(
         "--cell-bodies",
         type=float,
@@ -157,13 +163,15 @@ def _pipeline(parser, args) -> int:
 
 def _robustness(parser, args) -> int:
     parser.require_positive(args, "slides", "tiles_per_slide", "size")
-    if args.real is not None:
-        from pipeline.evaluate import labelled_images
+    from pipeline.evaluate import labelled_images
 
-        if not args.real.is_dir():
-            parser.error(f"--real {args.real} is not a folder")
-        if not labelled_images(args.real):
-            parser.error(f"--real {args.real} has no image with a NAME_labels label image beside it")
+    for folder in args.real:
+        if not folder.is_dir():
+            parser.error(f"--real {folder} is not a folder")
+        if not labelled_images(folder):
+            parser.error(f"--real {folder} has no image with a NAME_labels label image beside it")
+    if len({folder.name for folder in args.real}) < len(args.real):
+        parser.error("--real folders must have different names (each names its row)")
     parser.require_fraction(args, "cell_bodies")
     import pandas as pd
 

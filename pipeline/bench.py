@@ -16,7 +16,7 @@ peak memory of the driver and every Ray process for N and 10 x N images.
 
 ``robustness``: the segment job and an Otsu + connected-components baseline
 scored side by side on a held-out in-distribution archive, on each shifted
-archive (:data:`pipeline.synth.SHIFTS`) and, where given, on a folder of real
+archive (:data:`pipeline.synth.SHIFTS`) and, where given, on folders of real
 images with label images.
 """
 
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -452,21 +452,21 @@ def bench_robustness(
     tiles_per_slide: int = 16,
     size: int = 256,
     seed: int = 0,
-    real: Path | None = None,
+    real: Sequence[Path] = (),
     workdir: Path | None = None,
     cell_bodies: float | None = None,
     scale: float | str = "auto",
     tta: str = "none",
 ) -> list[dict[str, object]]:
     """Segment and score the in-distribution archive, every shifted archive, a background-only
-    archive (no nucleus: its instances are all false) and ``real`` (if given).
+    archive (no nucleus: its instances are all false) and each folder of ``real``.
 
     Each archive is written with ``seed`` (the training archive's seed must
     differ) into a folder of its own under one source; the segment job
     segments that source in one run with the default settings (Ray and the
     replica start once), and :func:`pipeline.evaluate.evaluate` scores each
-    archive's images against that archive's truth. ``real`` is a folder of
-    images with ``*_labels.*`` instance label images beside them
+    archive's images against that archive's truth. ``real``: folders of
+    images with ``*_labels.*`` instance label images beside them, a row each
     (:func:`pipeline.evaluate.label_images_to_coco`). ``cell_bodies``: the
     fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`). ``scale``:
     the segment job's ``--scale``; ``tta``: its ``--tta``.
@@ -489,9 +489,9 @@ def bench_robustness(
                 source / name, slides=slides, tiles_per_slide=tiles_per_slide, size=size, seed=seed, look=look
             )
             archives.append((name, name))
-        if real is not None:
-            evaluate.label_images_to_coco(real, source / "real")
-            archives.append((f"real: {Path(real).name}", "real"))
+        for index, folder in enumerate(real):
+            evaluate.label_images_to_coco(folder, source / f"real-{index}")
+            archives.append((f"real: {Path(folder).name}", f"real-{index}"))
         segment.connect_ray("local")
         report = segment.new_run(
             str(dest),

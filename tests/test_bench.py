@@ -61,21 +61,24 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
 
     from pipeline.synth import SHIFTS
 
-    real = tmp_path / "real"
-    real.mkdir()
-    image = np.zeros((64, 64), np.uint8)
-    labels = np.zeros((64, 64), np.uint8)
-    for k, (x, y) in enumerate([(16, 16), (44, 20), (30, 46)], start=1):
-        cv2.circle(image, (x, y), 7, 200, -1)
-        cv2.circle(labels, (x, y), 7, k, -1)
-    cv2.imwrite(str(real / "a.png"), image)
-    cv2.imwrite(str(real / "a_labels.png"), labels)
-    flags = ["--slides", "1", "--tiles-per-slide", "2", "--size", "96", "--real", str(real), "--scale", "2"]
+    real, other = tmp_path / "real", tmp_path / "other"
+    for folder, centres in ((real, [(16, 16), (44, 20), (30, 46)]), (other, [(20, 30), (44, 40)])):
+        folder.mkdir()
+        image = np.zeros((64, 64), np.uint8)
+        labels = np.zeros((64, 64), np.uint8)
+        for k, (x, y) in enumerate(centres, start=1):
+            cv2.circle(image, (x, y), 7, 200, -1)
+            cv2.circle(labels, (x, y), 7, k, -1)
+        cv2.imwrite(str(folder / "a.png"), image)
+        cv2.imwrite(str(folder / "a_labels.png"), labels)
+    flags = ["--slides", "1", "--tiles-per-slide", "2", "--size", "96", "--scale", "2"]
+    flags += ["--real", str(real), "--real", str(other)]
     flags.append("--json")
     result = bench("robustness", "--model", str(random_model_path), *flags, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["archive"] for r in rows] == ["in-distribution", *SHIFTS, "background-only", "real: real"]
+    names = ["in-distribution", *SHIFTS, "background-only", "real: real", "real: other"]
+    assert [r["archive"] for r in rows] == names
     for row in rows:
         assert {"AP50", "AP", "F1", "count_mae", "baseline_AP50", "baseline_count_mae"} <= set(row)
         assert row["images"] >= 1 and row["enlarged"] == 1.0  # --scale 2 reached every run
@@ -86,9 +89,11 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
             assert row["count_mae"] == pytest.approx(row["instances"] / row["images"], abs=0.005)
         else:
             assert 0 <= row["AP50"] <= 1 and 0 <= row["F1"] <= 1
-    assert rows[-1]["truth"] == 3 and rows[-1]["images"] == 1
-    # Three well-separated bright discs: the threshold baseline finds them exactly.
-    assert rows[-1]["baseline_AP50"] == 1.0 and rows[-1]["baseline_count_mae"] == 0
+    # Each real folder is scored against its own labels: three discs, then two, each image alone.
+    assert [(r["truth"], r["images"]) for r in rows[-2:]] == [(3, 1), (2, 1)]
+    # Well-separated bright discs: the threshold baseline finds them exactly.
+    for row in rows[-2:]:
+        assert row["baseline_AP50"] == 1.0 and row["baseline_count_mae"] == 0
 
 
 def test_robustness_archives_take_cell_bodies_where_asked_and_keep_their_shifts():
@@ -112,6 +117,15 @@ def test_robustness_refuses_a_real_folder_without_label_images_before_any_work(t
     wrong = bench("robustness", "--real", str(tmp_path), timeout=60)
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
     assert wrong.stderr.strip().endswith("has no image with a NAME_labels label image beside it (see --help)")
+    for name in ("x", "y"):
+        folder = tmp_path / name / "real"
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(b"not read")
+        (folder / "a_labels.png").write_bytes(b"not read")
+    same_names = bench(
+        "robustness", "--real", str(tmp_path / "x/real"), "--real", str(tmp_path / "y/real"), timeout=60
+    )
+    assert same_names.returncode == 2 and "--real folders must have different names" in same_names.stderr
 
 
 def test_scale_benchmark_plans_generated_listings_and_scans_markers():
