@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     robust.add_argument("--slides", type=int, default=4)
     robust.add_argument("--tiles-per-slide", type=int, default=16)
     robust.add_argument("--size", type=int, default=256, help="tile side in px")
-    robust.add_argument("--seed", type=int, default=0, help="archive seed (training used 100)")
+    robust.add_argument("--seed", type=int, default=0, help="archive seed (training used 100-135)")
     robust.add_argument(
         "--real",
         type=Path,

@@ -188,8 +188,9 @@ _SIGNATURES = (
 )
 
 
-PNG_COLOUR_TYPES_PILLOW_TRUNCATES = {2: "RGB", 4: "grey+alpha", 6: "RGBA"}
-"""PNG colour types that Pillow decodes to 8 bits when the file stores 16 bits per sample."""
+PNG_COLOUR_TYPES_PILLOW_TRUNCATES = frozenset({2, 4, 6})
+"""PNG colour types (RGB, grey+alpha, RGBA) that Pillow decodes to 8 bits when the file stores 16 bits
+per sample (its 16-bit grey, type 0, it reads whole)."""
 
 
 def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
@@ -240,7 +241,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> RawImage | DecodeError:
     The pixel count is checked against ``max_pixels`` from the header, before
     any pixel is decoded (decompression bombs never allocate).
     """
-    if sniff_format(data) == "TIFF":
+    kind = sniff_format(data)
+    if kind == "TIFF":
         try:
             return _tiff_pixels(data, max_pixels)
         except tifffile.TiffFileError as exc:
@@ -250,7 +252,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> RawImage | DecodeError:
             return DecodeError("unsupported", one_line(exc))
         except (OSError, EOFError, IndexError, KeyError) as exc:
             return DecodeError("decode", one_line(exc))
-    if sniff_format(data) == "PNG" and (png16 := _png16_pixels(data, max_pixels)) is not None:
+    if kind == "PNG" and (png16 := _png16_pixels(data, max_pixels)) is not None:
         return png16
     try:
         with warnings.catch_warnings():
@@ -269,12 +271,11 @@ def decode_image(data: bytes, *, max_pixels: int) -> RawImage | DecodeError:
     except Image.DecompressionBombError as exc:
         return DecodeError("too_large", one_line(exc))
     except Image.UnidentifiedImageError:
-        sniffed = sniff_format(data)
-        if sniffed:
+        if kind:
             # The bytes say image, but the decoder cannot open it: a zero-sized
             # image, or a compression or layout Pillow does not support.
             return DecodeError(
-                "unsupported", f"a {sniffed} file the decoder cannot open (zero-sized or unusual)"
+                "unsupported", f"a {kind} file the decoder cannot open (zero-sized or unusual)"
             )
         return DecodeError("decode", "not a recognised image format")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
