@@ -141,6 +141,17 @@ def tiff_pixel_size_um(tif: tifffile.TiffFile) -> float | None:
     return None
 
 
+def _size_error(width: int, height: int, max_pixels: int, *, empty: bool = False) -> DecodeError | None:
+    """Why an image of this size (from its header, before any pixel is decoded) is not decoded:
+    more than ``max_pixels`` pixels, or none (``empty``: another axis of the file has length 0);
+    None when its size is fine."""
+    if width * height > max_pixels:
+        return DecodeError("too_large", f"{width}x{height} px exceeds --max-pixels {max_pixels}")
+    if width == 0 or height == 0 or empty:
+        return DecodeError("unsupported", f"zero-sized image ({width}x{height})")
+    return None
+
+
 def _tiff_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError:
     """First plane (all channels) of the first series of a TIFF."""
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -150,10 +161,8 @@ def _tiff_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError:
         axes, shape = series.axes, series.shape
         sizes = dict(zip(axes, shape, strict=True))
         height, width = sizes.get("Y", 0), sizes.get("X", 0)
-        if height * width > max_pixels:
-            return DecodeError("too_large", f"{width}x{height} px exceeds --max-pixels {max_pixels}")
-        if height == 0 or width == 0 or 0 in shape:
-            return DecodeError("unsupported", f"zero-sized image ({width}x{height})")
+        if error := _size_error(width, height, max_pixels, empty=0 in shape):
+            return error
         # Pages hold the planes of the leading axes in C order: keep every channel, the first of the rest.
         page_axes = [a for a in axes if a not in "YXS"]
         page_shape = [sizes[a] for a in page_axes]
@@ -215,10 +224,8 @@ def _png16_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError | None
     if header is None or header[2] != 16 or header[3] not in PNG_COLOUR_TYPES_PILLOW_TRUNCATES:
         return None
     width, height, _, colour_type = header
-    if width * height > max_pixels:
-        return DecodeError("too_large", f"{width}x{height} px exceeds --max-pixels {max_pixels}")
-    if width == 0 or height == 0:
-        return DecodeError("unsupported", f"zero-sized image ({width}x{height})")
+    if error := _size_error(width, height, max_pixels):
+        return error
     try:
         pixels = imagecodecs.png_decode(data)
     except imagecodecs.PngError as exc:
@@ -260,11 +267,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> RawImage | DecodeError:
             # (DecompressionBombError, about 179 MP) still applies above it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                return DecodeError("too_large", f"{width}x{height} px exceeds --max-pixels {max_pixels}")
-            if width == 0 or height == 0:
-                return DecodeError("unsupported", f"zero-sized image ({width}x{height})")
+            if error := _size_error(*image.size, max_pixels):
+                return error
             image.load()
             image = ImageOps.exif_transpose(image)
             return _pillow_pixels(image)
