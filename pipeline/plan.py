@@ -137,6 +137,34 @@ def check_source(source: str, filesystem: pafs.FileSystem | None = None) -> tupl
     return fs, root
 
 
+def no_images_message(source: str) -> str:
+    """The error for a source that holds no image file."""
+    return f"no image files under {storage.redact(source)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+
+
+def check_source_top_level(source: str) -> None:
+    """:func:`check_source`, then one LIST of the top level: it must hold an image file or a folder.
+
+    The segment job asks before it starts Ray, so an empty folder (or one of
+    notes and spreadsheets) fails in a second. A source whose folders hold
+    no image is refused by :class:`Plan` once they are listed.
+
+    Raises:
+        PlanError: the source does not exist, is not a folder/prefix, or has
+            nothing at its top level that is or may hold an image.
+    """
+    fs, root = check_source(source)
+    top = storage.retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root)))
+    for entry in top:
+        if entry.base_name.startswith("."):
+            continue
+        if entry.type == pafs.FileType.Directory or (
+            entry.type == pafs.FileType.File and _is_image(PurePosixPath(entry.base_name))
+        ):
+            return
+    raise PlanError(no_images_message(source))
+
+
 def iter_listing(
     source: str, *, listers: int = LISTERS, filesystem: pafs.FileSystem | None = None
 ) -> Iterator[tuple[str, int | None]]:
@@ -247,10 +275,7 @@ class Plan:
                 f"no slide under {storage.redact(self.source)} has a window to segment ({reasons})"
             )
         elif shard_id == 0:
-            raise PlanError(
-                f"no image files under {storage.redact(self.source)} "
-                f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-            )
+            raise PlanError(no_images_message(self.source))
 
     def _units(self, listing) -> Iterator[tuple[str, str, dict | None]]:
         """(uri, slide_id, window columns or None) per manifest row, in listing order; slides are planned

@@ -46,7 +46,7 @@ from typing import Any
 from pipeline import commit, storage
 from pipeline.card import InferenceSettings, ModelCard, ModelLoadError, check_model_file
 from pipeline.decode import RawImage, read_and_decode
-from pipeline.plan import ManifestReader, ManifestWriter, Plan, check_source, write_slides
+from pipeline.plan import ManifestReader, ManifestWriter, Plan, check_source_top_level, write_slides
 from pipeline.preprocess import with_channel
 from pipeline.schedule import SHARDS_IN_FLIGHT, Scheduler
 from pipeline.slides import SlideSettings
@@ -618,7 +618,7 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
     """
     started = time.monotonic()
     _check_new_dest(dest)
-    check_source(pinned.source)
+    check_source_top_level(pinned.source)
     check_model_file(pinned.model)
     connect_ray(execution.address)
     replicas = _Replicas(dest, execution)

@@ -15,6 +15,7 @@ from pipeline.plan import (
     Plan,
     PlanError,
     SlideNamer,
+    check_source_top_level,
     choose_shard_size,
     iter_images,
     plain_image_row,
@@ -167,6 +168,22 @@ def test_the_shard_size_chooses_itself_from_the_archive_and_the_replicas(tree):
     assert choose_shard_size(20_000, 16) == 128  # 20,000 / (8 x 16) = 156 -> 128
     assert choose_shard_size(None, 100) == 1024  # beyond the lookahead: the largest
     assert Plan(str(tree), shard_size=None).shard_size == 16
+
+
+def test_the_top_level_check_refuses_only_sources_with_nothing_to_list(tmp_path):
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "a.png").write_bytes(b"x")
+    (tmp_path / ".b.png").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(PlanError, match=f"no image files under {tmp_path}"):
+        check_source_top_level(str(tmp_path))
+    (tmp_path / "slide-1").mkdir()
+    check_source_top_level(str(tmp_path))  # a folder may hold images: the plan lists it
+    with pytest.raises(PlanError, match="no image files"):
+        list(Plan(str(tmp_path), shard_size=4))
+    (tmp_path / "slide-1").rmdir()
+    (tmp_path / "A.TIF").write_bytes(b"x")
+    check_source_top_level(str(tmp_path))
 
 
 def test_missing_empty_and_file_sources_are_errors(tmp_path):

@@ -27,6 +27,7 @@ from pipeline import segment
 from pipeline.card import ModelCard
 from pipeline.export import write_geojson
 from pipeline.model import resolve_model
+from pipeline.plan import IMAGE_EXTENSIONS
 from pipeline.stats import per_slide
 from pipeline.synth import tile_paths
 from tests.conftest import REPO
@@ -282,10 +283,14 @@ def test_usage_errors_are_one_line_and_exit_2(args, message, archive, tmp_path):
 
 
 def test_a_missing_source_or_model_is_refused_before_ray_starts(archive, tmp_path):
-    """One request each answers whether the source is a folder and the model a file; a typo never
-    waits for Ray and replicas."""
+    """A request or two answer whether the source is a folder with something to list and the model a
+    file; a typo or an empty folder never waits for Ray and replicas."""
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "notes" / ".hidden").mkdir(parents=True)
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    (tmp_path / "notes" / ".hidden" / "a.png").write_bytes(b"x")
+    looked_for = ", ".join(sorted(IMAGE_EXTENSIONS))
     script = (
         "import sys, ray\n"
         "from pipeline import segment\n"
@@ -300,6 +305,7 @@ def test_a_missing_source_or_model_is_refused_before_ray_starts(archive, tmp_pat
     refused = {
         (tmp_path / "nope", ""): "does not exist",
         (tmp_path / "a.png", ""): "not a folder or prefix",
+        (tmp_path / "notes", ""): f"no image files under {tmp_path / 'notes'} (looked for {looked_for})",
         (archive, tmp_path / "missing.pt"): f"cannot read model {tmp_path / 'missing.pt'}: it does not exist",
         (archive, tmp_path / "folder.pt"): "a folder, not a checkpoint file",
     }
