@@ -13,7 +13,7 @@ Conversion policy (documented in the README):
   OME-TIFF channel names are kept; integers and floats as stored (float64 to float32);
 * 16-bit colour and grey-with-alpha PNG (imagecodecs; Pillow would keep only
   the high byte of each value): RGB as stored, grey+alpha as grey, alpha
-  dropped;
+  dropped, the eXIf chunk's orientation applied as Pillow applies it;
 * other formats (Pillow): EXIF orientation applied (a rotated JPEG comes out
   upright); first frame; grey stays one channel (8- or 16-bit); palette and
   CMYK become RGB; alpha is dropped;
@@ -214,6 +214,38 @@ def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
     )
 
 
+EXIF_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {
+    2: lambda p: p[:, ::-1],
+    3: lambda p: p[::-1, ::-1],
+    4: lambda p: p[::-1],
+    5: lambda p: p.swapaxes(0, 1),
+    6: lambda p: np.rot90(p, -1),
+    7: lambda p: np.rot90(p, 2).swapaxes(0, 1),
+    8: lambda p: np.rot90(p, 1),
+}
+"""EXIF orientation -> the turn that makes (H, W, C) pixels upright (Pillow's ``exif_transpose``)."""
+
+
+def _png_exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) in a PNG's eXIf chunk; 1 (as stored) without one or if unreadable."""
+    offset = 8
+    while offset + 8 <= len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            try:
+                exif.load(data[offset + 8 : offset + 8 + length])
+            except (SyntaxError, ValueError, OSError):
+                return 1
+            return int(exif.get(EXIF_ORIENTATION_TAG, 1))
+        if kind == b"IEND":
+            break
+        offset += 12 + length
+    return 1
+
+
 def _png16_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError | None:
     """A 16-bit colour or grey+alpha PNG decoded at full depth, or None for every other PNG.
 
@@ -230,6 +262,8 @@ def _png16_pixels(data: bytes, max_pixels: int) -> RawImage | DecodeError | None
         pixels = imagecodecs.png_decode(data)
     except imagecodecs.PngError as exc:
         return DecodeError("decode", one_line(exc))
+    if upright := _UPRIGHT.get(_png_exif_orientation(data)):
+        pixels = upright(pixels)
     if colour_type == 4:
         return RawImage(np.ascontiguousarray(pixels[..., :1]), ("gray",))
     return RawImage(np.ascontiguousarray(pixels[..., :3]), default_channel_names(3, rgb=True))

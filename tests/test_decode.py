@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 
 import cv2
 import imagecodecs
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
-from pipeline.decode import DecodeError, RawImage, decode_image, read_and_decode, sniff_format
+from pipeline.decode import (
+    EXIF_ORIENTATION_TAG,
+    DecodeError,
+    RawImage,
+    decode_image,
+    read_and_decode,
+    sniff_format,
+)
 from tests.corpus import MAX_PIXELS, exif_rotated_jpeg, write_corpus
 
 
@@ -91,6 +100,30 @@ def test_16_bit_colour_pngs_keep_their_low_byte():
     assert isinstance(too_large, DecodeError) and too_large.kind == "too_large"
     truncated = decode_image(data[: len(data) // 2], max_pixels=MAX_PIXELS)
     assert isinstance(truncated, DecodeError) and truncated.kind == "decode"
+
+
+def _with_exif_orientation(png: bytes, orientation: int) -> bytes:
+    """``png`` with an eXIf chunk (EXIF orientation ``orientation``) inserted after its IHDR."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = orientation
+    body = b"eXIf" + exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = (len(body) - 4).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    return png[:33] + chunk + png[33:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16_bit_colour_pngs_are_turned_upright_as_pillow_turns_8_bit_ones(orientation):
+    values = (np.arange(30 * 40 * 3).reshape(30, 40, 3) * 41 % 65536).astype(np.uint16)
+    eight_bit = io.BytesIO()
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = orientation
+    Image.fromarray((values >> 8).astype(np.uint8)).save(eight_bit, format="PNG", exif=exif)
+    reference = decode_image(eight_bit.getvalue(), max_pixels=MAX_PIXELS).pixels
+    png = _with_exif_orientation(imagecodecs.png_encode(values), orientation)
+    sixteen_bit = decode_image(png, max_pixels=MAX_PIXELS)
+    assert sixteen_bit.pixels.dtype == np.uint16
+    assert np.array_equal(sixteen_bit.pixels >> 8, reference)
+    assert (sixteen_bit.pixels.shape[:2] == (30, 40)) == (orientation < 5)
 
 
 def test_ome_tiff_channels_keep_their_names_and_values():
