@@ -473,7 +473,8 @@ def bench_robustness(
 
     Returns one dict per archive: ``archive``, ``tta``, ``images``,
     ``enlarged`` (the fraction of images the model saw enlarged), ``instances``, ``truth``
-    (ground-truth instances), ``AP50``, ``AP`` (mask), ``F1`` (mask IoU 0.5, one-to-one),
+    (ground-truth instances), ``AP50``, ``AP50_se`` (its bootstrap standard error over images,
+    :func:`pipeline.evaluate.ap50_standard_error`), ``AP`` (mask), ``F1`` (mask IoU 0.5, one-to-one),
     ``count_mae``, ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
     (the APs are None for an archive without a true instance).
     """
@@ -516,6 +517,7 @@ def bench_robustness(
                     "instances": int(scores["instances"]),
                     "truth": truth,
                     "AP50": _score_or_none(scores, "agnostic.segm.AP50", truth),
+                    "AP50_se": _score_or_none(scores, "agnostic.segm.AP50.se", truth),
                     "AP": _score_or_none(scores, "agnostic.segm.AP", truth),
                     "F1": _score_or_none(scores, "match.f1", truth),
                     "count_mae": round(scores["count.mae"], 2),

@@ -4,6 +4,10 @@
   ``maxDets`` raised to :data:`MAX_DETECTIONS` (dense tiles have more than 100
   objects). AP is read from ``eval["precision"]`` at the largest ``maxDets``
   (``stats[0]`` would ask for 100 and return -1).
+* Uncertainty: the bootstrap standard error of the class-agnostic mask AP50
+  over images (``agnostic.segm.AP50.se``; 200 draws of as many images with
+  replacement, per-image matches from one COCOeval run): how far AP50 would
+  move on another archive of the same look and size.
 * Matching: precision, recall and F1 of every stored instance at mask IoU
   0.5 (greedy one-to-one matching by score, class-agnostic; StarDist's and
   the cell-tracking challenges' figure). Unlike AP, F1 has no recall grid:
@@ -163,14 +167,24 @@ def coco_ap(
     categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
     if not detections:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, **{f"AP.{name}": 0.0 for name in categories.values()}}
+    evaluator = per_image_evaluation(coco, detections, image_ids, iou_type, use_cats=use_cats)
+    return _ap_scores(evaluator, categories)
+
+
+def agnostic_mask_ap(coco: COCO, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
+    """Class-agnostic mask AP, AP50, AP75 (:func:`coco_ap`) and ``AP50.se``, AP50's bootstrap
+    standard error over images (:func:`ap50_standard_error`), from one COCOeval run."""
+    if not detections:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AP50.se": 0.0}
+    evaluator = per_image_evaluation(coco, detections, image_ids, "segm", use_cats=False)
+    scores = _ap_scores(evaluator, {})
+    scores["AP50.se"] = ap50_standard_error(image_matches_at_50(evaluator), evaluator.params.recThrs)
+    return scores
+
+
+def _ap_scores(evaluator: COCOeval, categories: dict[int, str]) -> dict[str, float]:
+    """AP, AP50, AP75 (and ``AP.NAME`` per category when the evaluation uses them) after accumulating."""
     with contextlib.redirect_stdout(io.StringIO()):
-        results = coco.loadRes([dict(d) for d in detections])
-        evaluator = COCOeval(coco, results, iou_type)
-        evaluator.params.imgIds = sorted(image_ids)
-        most = max(collections.Counter(d["image_id"] for d in detections).values())
-        evaluator.params.maxDets = [1, 10, max(MAX_DETECTIONS, most)]
-        evaluator.params.useCats = int(use_cats)
-        evaluator.evaluate()
         evaluator.accumulate()
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category] at area all
 
@@ -179,10 +193,92 @@ def coco_ap(
         return float(valid.mean()) if valid.size else 0.0
 
     scores = {"AP": mean(precision), "AP50": mean(precision[0]), "AP75": mean(precision[5])}
-    if use_cats:
+    if evaluator.params.useCats:
         for index, category in enumerate(evaluator.params.catIds):
             scores[f"AP.{categories[category]}"] = mean(precision[:, :, index])
     return scores
+
+
+def per_image_evaluation(
+    coco: COCO, detections: list[dict], image_ids: list[int], iou_type: str, *, use_cats: bool
+) -> COCOeval:
+    """A COCOeval of ``detections`` (not empty) on ``image_ids`` after ``evaluate()`` (per-image
+    matches in ``evalImgs``), with the ``maxDets`` :func:`coco_ap` documents."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = coco.loadRes([dict(d) for d in detections])
+        evaluator = COCOeval(coco, results, iou_type)
+        evaluator.params.imgIds = sorted(image_ids)
+        most = max(collections.Counter(d["image_id"] for d in detections).values())
+        evaluator.params.maxDets = [1, 10, max(MAX_DETECTIONS, most)]
+        evaluator.params.useCats = int(use_cats)
+        evaluator.evaluate()
+    return evaluator
+
+
+@dataclass(frozen=True)
+class ImageMatches:
+    """One image's detections at mask IoU 0.5, as COCOeval matched them: ``scores`` (D,), ``true`` (D,)
+    bool (matched an object), ``counted`` (D,) bool (not ignored), and ``objects`` (objects not ignored)."""
+
+    scores: np.ndarray
+    true: np.ndarray
+    counted: np.ndarray
+    objects: int
+
+
+def image_matches_at_50(evaluator: COCOeval) -> list[ImageMatches]:
+    """Per image of ``evaluator.params.imgIds`` (class-agnostic, after ``evaluate()``): its
+    :class:`ImageMatches` at IoU 0.5, area "all", the largest ``maxDets``."""
+    params = evaluator.params
+    if params.useCats:
+        raise ValueError("per-image matches are read from a class-agnostic evaluation (useCats=0)")
+    images, most = len(params.imgIds), params.maxDets[-1]
+    empty = ImageMatches(np.zeros(0), np.zeros(0, bool), np.zeros(0, bool), 0)
+    matches = []
+    for entry in evaluator.evalImgs[:images]:  # area "all" comes first
+        if entry is None:
+            matches.append(empty)
+            continue
+        matched, ignored = entry["dtMatches"][0, :most] > 0, entry["dtIgnore"][0, :most].astype(bool)
+        scores = np.asarray(entry["dtScores"][:most], dtype=np.float64)
+        objects = int(np.count_nonzero(np.asarray(entry["gtIgnore"]) == 0))
+        matches.append(ImageMatches(scores, matched, ~ignored, objects))
+    return matches
+
+
+def ap50_of(matches: list[ImageMatches], recall_points: np.ndarray) -> float:
+    """AP50 of these images together, as COCOeval's ``accumulate`` computes it: detections ranked by
+    score (stable), precision made non-increasing, read at ``recall_points``; -1 without objects."""
+    objects = sum(m.objects for m in matches)
+    if objects == 0:
+        return -1.0
+    scores = np.concatenate([m.scores for m in matches])
+    order = np.argsort(-scores, kind="mergesort")
+    true = np.concatenate([m.true for m in matches])[order]
+    counted = np.concatenate([m.counted for m in matches])[order]
+    true_positives = np.cumsum(true & counted).astype(np.float64)
+    false_positives = np.cumsum(~true & counted).astype(np.float64)
+    recall = true_positives / objects
+    precision = true_positives / (true_positives + false_positives + np.spacing(1))
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    at = np.searchsorted(recall, recall_points, side="left")
+    sampled = np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0)
+    return float(sampled.mean())
+
+
+def ap50_standard_error(
+    matches: list[ImageMatches], recall_points: np.ndarray, *, samples: int = 200, seed: int = 0
+) -> float:
+    """Bootstrap standard error of AP50 over images: the spread of :func:`ap50_of` over ``samples``
+    draws of as many images as ``matches`` holds, with replacement (how far the figure would move on
+    another archive of this look and size). 0.0 without objects."""
+    if sum(m.objects for m in matches) == 0:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(matches), size=(samples, len(matches)))
+    values = np.array([ap50_of([matches[i] for i in draw], recall_points) for draw in draws])
+    values = values[values > -1]  # a draw without objects has no AP
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def ground_truth_counts(coco: COCO, image_ids) -> pd.DataFrame:
@@ -271,8 +367,9 @@ def evaluate(dest: str, annotations: str) -> tuple[dict[str, float], dict[str, p
     for iou_type in ("segm", "bbox"):
         for key, value in coco_ap(coco, detections, image_ids, iou_type).items():
             scores[f"{iou_type}.{key}"] = value
-    agnostic = coco_ap(coco, detections, image_ids, "segm", use_cats=False)
-    scores["agnostic.segm.AP"], scores["agnostic.segm.AP50"] = agnostic["AP"], agnostic["AP50"]
+    agnostic = agnostic_mask_ap(coco, detections, image_ids)
+    for key in ("AP", "AP50", "AP50.se"):
+        scores[f"agnostic.segm.{key}"] = agnostic[key]
     ranked, truth_masks, n_objects = _ranked_with_truth(detections, coco, image_ids)
     kept, true_positives = _matched(ranked, truth_masks, -np.inf)
     scores.update({f"match.{k}": v for k, v in _precision_recall_f1(kept, true_positives, n_objects).items()})

@@ -80,15 +80,15 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
     names = ["in-distribution", *SHIFTS, "background-only", "real: real", "real: other"]
     assert [r["archive"] for r in rows] == names
     for row in rows:
-        assert {"AP50", "AP", "F1", "count_mae", "baseline_AP50", "baseline_count_mae"} <= set(row)
+        assert {"AP50", "AP50_se", "AP", "F1", "count_mae", "baseline_AP50", "baseline_count_mae"} <= set(row)
         assert row["images"] >= 1 and row["enlarged"] == 1.0  # --scale 2 reached every run
         if row["archive"] == "background-only":
             # Nothing to find: no AP, and every instance counted is a false one.
             assert row["truth"] == 0 and row["AP50"] is None and row["F1"] is None
-            assert row["baseline_AP50"] is None
+            assert row["baseline_AP50"] is None and row["AP50_se"] is None
             assert row["count_mae"] == pytest.approx(row["instances"] / row["images"], abs=0.005)
         else:
-            assert 0 <= row["AP50"] <= 1 and 0 <= row["F1"] <= 1
+            assert 0 <= row["AP50"] <= 1 and 0 <= row["F1"] <= 1 and 0 <= row["AP50_se"] <= 0.5
     # Each real folder is scored against its own labels: three discs, then two, each image alone.
     assert [(r["truth"], r["images"]) for r in rows[-2:]] == [(3, 1), (2, 1)]
     # Well-separated bright discs: the threshold baseline finds them exactly.

@@ -15,13 +15,18 @@ from pycocotools.coco import COCO
 
 from pipeline import commit, masks
 from pipeline.evaluate import (
+    agnostic_mask_ap,
+    ap50_of,
+    coco_ap,
     detections_from_instances,
     equivalent_diameters,
     evaluate,
+    image_matches_at_50,
     label_images_to_coco,
     labelled_images,
     match_masks,
     misses,
+    per_image_evaluation,
     sweep,
     touching_objects,
 )
@@ -113,10 +118,12 @@ def test_ground_truth_scores_one_and_missing_instances_score_lower(archive, tmp_
     assert tables["counts"]["gt_count"].sum() == len(coco["annotations"])
     assert 0 <= scores["baseline.segm.AP"] < 1 and scores["baseline.count.mae"] > 0
     assert [scores[f"match.{k}"] for k in ("precision", "recall", "f1")] == [1.0, 1.0, 1.0]
+    assert scores["agnostic.segm.AP50.se"] == 0  # every draw of images scores 1
 
     write_run_from_ground_truth(archive, tmp_path / "half", drop_every=2)
     half, _ = evaluate(str(tmp_path / "half"), str(archive / "annotations.json"))
     assert half["segm.AP"] < 0.8 and half["count.mae"] > 0 and half["count.bias"] < 0
+    assert 0 < half["agnostic.segm.AP50.se"] < 0.2
     swept = sweep(str(tmp_path / "half"), str(archive / "annotations.json"), [0.0]).iloc[0]
     assert half["match.precision"] == 1.0 and 0.4 < half["match.recall"] < 0.6
     assert half["match.recall"] == swept["recall"] and half["match.f1"] == swept["f1"]
@@ -160,6 +167,89 @@ def _rle(x0: int, y0: int, x1: int, y1: int, size: int = 40) -> dict:
     mask = np.zeros((size, size), np.uint8, order="F")
     mask[y0:y1, x0:x1] = 1
     return mask_utils.encode(mask)
+
+
+def _scattered_rectangles(seed: int, images: int, copies: int = 1) -> tuple[COCO, list[dict]]:
+    """``images`` 40 x 40 images of 0-5 rectangles each, and detections of them: shifted by 0-7 px
+    (IoU above or below 0.5), a few missing, a few false, scores with ties; the whole set ``copies``
+    times under new image ids."""
+    rng = np.random.default_rng(seed)
+    annotations, detections = [], []
+    for image in range(images):
+        objects = [(x, y) for x, y in rng.integers(0, 28, size=(rng.integers(0, 6), 2))]
+        found = [
+            (x + rng.integers(0, 8), y, rng.choice([0.3, 0.6, 0.9])) for x, y in objects if rng.random() > 0.2
+        ]
+        found += [
+            (rng.integers(0, 28), rng.integers(0, 28), rng.uniform(0, 1)) for _ in range(rng.integers(0, 3))
+        ]
+        for copy in range(copies):
+            image_id = 1 + image + copy * images
+            for x, y in objects:
+                rle = _rle(x, y, x + 12, y + 12)
+                area = float(mask_utils.area(rle))
+                bbox = [float(v) for v in mask_utils.toBbox(rle)]
+                annotations.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": 1,
+                        "segmentation": rle,
+                        "area": area,
+                        "bbox": bbox,
+                        "iscrowd": 0,
+                        "id": len(annotations) + 1,
+                    }
+                )
+            for x, y, score in found:
+                detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": 1,
+                        "segmentation": _rle(x, y, x + 12, y + 12),
+                        "score": float(score),
+                    }
+                )
+    dataset = {
+        "images": [
+            {"id": i, "width": 40, "height": 40, "file_name": f"{i}.png"}
+            for i in range(1, images * copies + 1)
+        ],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "nucleus"}],
+    }
+    coco = COCO()
+    coco.dataset = dataset
+    coco.createIndex()
+    return coco, detections
+
+
+def test_ap50_from_per_image_matches_equals_cocoeval_on_any_subset():
+    """The bootstrap's AP50 is COCOeval's: on the whole set and on a subset (COCOeval run on it alone)."""
+    coco, detections = _scattered_rectangles(seed=3, images=30)
+    image_ids = sorted(coco.getImgIds())
+    evaluator = per_image_evaluation(coco, detections, image_ids, "segm", use_cats=False)
+    matches = image_matches_at_50(evaluator)
+    whole = coco_ap(coco, detections, image_ids, "segm", use_cats=False)["AP50"]
+    assert 0.2 < whole < 0.9
+    assert ap50_of(matches, evaluator.params.recThrs) == pytest.approx(whole, abs=1e-12)
+    subset = image_ids[::3]
+    kept = [d for d in detections if d["image_id"] in set(subset)]
+    alone = coco_ap(coco, kept, subset, "segm", use_cats=False)["AP50"]
+    picked = [matches[image_ids.index(i)] for i in subset]
+    assert ap50_of(picked, evaluator.params.recThrs) == pytest.approx(alone, abs=1e-12)
+
+
+def test_ap50_standard_error_halves_with_four_times_the_images_and_is_zero_for_one_look():
+    def standard_error(coco, detections):
+        return agnostic_mask_ap(coco, detections, sorted(coco.getImgIds()))["AP50.se"]
+
+    one = standard_error(*_scattered_rectangles(seed=5, images=40))
+    four = standard_error(*_scattered_rectangles(seed=5, images=40, copies=4))
+    assert 0.02 < one < 0.2
+    assert four == pytest.approx(one / 2, rel=0.25)
+    assert standard_error(*_scattered_rectangles(seed=5, images=1, copies=40)) == 0.0
+    coco, _ = _scattered_rectangles(seed=5, images=40)
+    assert standard_error(coco, []) == 0.0
 
 
 def test_matching_takes_each_object_once_by_score_and_reports_the_best_overlap():
