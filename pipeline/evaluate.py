@@ -248,7 +248,11 @@ def image_matches_at_50(evaluator: COCOeval) -> list[ImageMatches]:
 
 def ap50_of(matches: list[ImageMatches], recall_points: np.ndarray) -> float:
     """AP50 of these images together, as COCOeval's ``accumulate`` computes it: detections ranked by
-    score (stable), precision made non-increasing, read at ``recall_points``; -1 without objects."""
+    score (stable), precision made non-increasing, read at ``recall_points``; -1 without objects.
+
+    Written out for the bootstrap: COCOeval's ``accumulate`` does all 10 IoUs, 4 areas and 3
+    ``maxDets`` at once, 0.14 s on 256 validation tiles against 0.5 ms here (200 draws: 27 s
+    against 0.1 s). Tested equal to COCOeval's AP50."""
     objects = sum(m.objects for m in matches)
     if objects == 0:
         return -1.0
