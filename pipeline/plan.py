@@ -137,13 +137,14 @@ def check_source(source: str, filesystem: pafs.FileSystem | None = None) -> tupl
     return fs, root
 
 
-def no_images_message(source: str) -> str:
-    """The error for a source that holds no image file."""
+def _no_images_message(source: str) -> str:
     return f"no image files under {storage.redact(source)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
 
 
-def check_source_top_level(source: str) -> None:
-    """:func:`check_source`, then one LIST of the top level: it must hold an image file or a folder.
+def check_source_top_level(source: str) -> list[pafs.FileInfo]:
+    """:func:`check_source`, then the one LIST of the top level that the plan needs: it must hold an
+    image file or a folder. Returns that listing (give it to :class:`Plan` as ``top_level``, so a
+    flat archive of a million files is not listed twice).
 
     The segment job asks before it starts Ray, so an empty folder (or one of
     notes and spreadsheets) fails in a second. A source whose folders hold
@@ -161,12 +162,16 @@ def check_source_top_level(source: str) -> None:
         if entry.type == pafs.FileType.Directory or (
             entry.type == pafs.FileType.File and _is_image(PurePosixPath(entry.base_name))
         ):
-            return
-    raise PlanError(no_images_message(source))
+            return top
+    raise PlanError(_no_images_message(source))
 
 
 def iter_listing(
-    source: str, *, listers: int = LISTERS, filesystem: pafs.FileSystem | None = None
+    source: str,
+    *,
+    listers: int = LISTERS,
+    filesystem: pafs.FileSystem | None = None,
+    top_level: list[pafs.FileInfo] | None = None,
 ) -> Iterator[tuple[str, int | None]]:
     """(URI, size in bytes) of the image files under ``source`` (recursive), sorted, as a stream.
 
@@ -177,12 +182,16 @@ def iter_listing(
     name; hidden files and folders (name starting with '.') are skipped.
     ``filesystem`` lists ``source`` as a path on that filesystem instead of
     resolving it as a URI (a generated listing in benchmarks and tests).
+    ``top_level``: the top level as :func:`check_source_top_level` listed it
+    (not listed again).
 
     Raises:
         PlanError: the source does not exist or is not a folder/prefix.
     """
     fs, root = check_source(source, filesystem)
-    top = storage.retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root)))
+    top = top_level
+    if top is None:
+        top = storage.retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root)))
     # A folder's paths all start with "name/": sorting the top level by that key keeps global order.
     top = sorted(
         (e for e in top if not e.base_name.startswith(".")),
@@ -222,7 +231,7 @@ class Plan:
     With ``shard_size`` None, up to :data:`AUTO_SHARD_LOOKAHEAD` images are
     listed at construction and :func:`choose_shard_size` picks the size for
     ``replicas``; ``self.shard_size`` is the size used either way.
-    ``filesystem``: see :func:`iter_images`. ``slide_settings``: how windows
+    ``filesystem``, ``top_level``: see :func:`iter_listing`. ``slide_settings``: how windows
     are laid on slide files; after iteration ``self.slides`` holds one
     ``slides`` row per slide file (:data:`schemas.SLIDES`).
 
@@ -240,6 +249,7 @@ class Plan:
         slide_pattern: str | None = None,
         filesystem: pafs.FileSystem | None = None,
         slide_settings: SlideSettings | None = None,
+        top_level: list[pafs.FileInfo] | None = None,
     ):
         if shard_size is not None and shard_size < 1:
             raise PlanError(f"shard size must be at least 1, got {shard_size}")
@@ -247,7 +257,7 @@ class Plan:
         self._namer = SlideNamer(source, slide_pattern)
         self._slide_settings = slide_settings or SlideSettings()
         self.slides: list[dict] = []
-        self._listing = iter_listing(source, filesystem=filesystem)
+        self._listing = iter_listing(source, filesystem=filesystem, top_level=top_level)
         self._lookahead: list[tuple[str, int | None]] = []
         if shard_size is None:
             for uri in self._listing:
@@ -275,7 +285,7 @@ class Plan:
                 f"no slide under {storage.redact(self.source)} has a window to segment ({reasons})"
             )
         elif shard_id == 0:
-            raise PlanError(no_images_message(self.source))
+            raise PlanError(_no_images_message(self.source))
 
     def _units(self, listing) -> Iterator[tuple[str, str, dict | None]]:
         """(uri, slide_id, window columns or None) per manifest row, in listing order; slides are planned

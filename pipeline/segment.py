@@ -618,7 +618,7 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
     """
     started = time.monotonic()
     _check_new_dest(dest)
-    check_source_top_level(pinned.source)
+    top_level = check_source_top_level(pinned.source)
     check_model_file(pinned.model)
     connect_ray(execution.address)
     replicas = _Replicas(dest, execution)
@@ -640,6 +640,7 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
             slide_settings=replace(
                 pinned.slide_settings(), preprocessing=settings.preprocessing, default_mpp=loaded.card.mpp
             ),
+            top_level=top_level,
         )
     except BaseException:
         replicas.discard()

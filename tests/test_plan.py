@@ -186,6 +186,19 @@ def test_the_top_level_check_refuses_only_sources_with_nothing_to_list(tmp_path)
     check_source_top_level(str(tmp_path))
 
 
+def test_the_plan_lists_the_top_level_once_when_given_it(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "1.png").write_bytes(b"x")
+    top = check_source_top_level(str(tmp_path))
+    assert sorted(entry.base_name for entry in top) == ["a", "b"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "1.png").write_bytes(b"x")  # after the listing: this plan does not see it
+    rows = [s.rows for s in Plan(str(tmp_path), shard_size=4, top_level=top)]
+    assert [u[len(str(tmp_path)) + 1 :] for u in rows[0].column("uri").to_pylist()] == ["a/1.png", "b/1.png"]
+    assert len(list(iter_images(str(tmp_path)))) == 3
+
+
 def test_missing_empty_and_file_sources_are_errors(tmp_path):
     with pytest.raises(PlanError, match="does not exist"):
         Plan(str(tmp_path / "nope"), shard_size=None)
