@@ -3,6 +3,7 @@
 python -m jobs.evaluate DEST --annotations coco.json [--json]
 python -m jobs.evaluate DEST --annotations coco.json --sweep 0.3:0.9:0.1 [--plot sweep.png]
 python -m jobs.evaluate DEST --annotations coco.json --misses [--score-threshold 0.5] [--json]
+python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--json]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pandas as pd
 
 from jobs._cli import ArgumentParser, fail_usage
 from pipeline import storage
-from pipeline.evaluate import evaluate, misses, plot_sweep, sweep
+from pipeline.evaluate import compare_ap50, evaluate, misses, plot_sweep, sweep
 
 
 def _thresholds(parser: ArgumentParser, text: str) -> list[float]:
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="with --misses: keep instances scoring at least this (default: all the run stored)",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="OTHER_DEST",
+        help="another run over the same images: both mask AP50s and the difference (OTHER - DEST) "
+        "with its paired bootstrap standard error",
+    )
     args = parser.parse_args(argv)
     if args.plot and not args.sweep:
         parser.error("--plot needs --sweep")
@@ -53,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--misses and --sweep are separate reports; ask for one")
     if args.score_threshold is not None and not args.misses:
         parser.error("--score-threshold needs --misses")
-    if not storage.exists(storage.join(args.dest, "run.json")):
-        return fail_usage(parser.prog, f"no run at {storage.redact(args.dest)} (run.json not found)")
+    if args.compare and (args.sweep or args.misses):
+        parser.error("--compare is a report of its own; ask for it without --sweep or --misses")
+    for run in filter(None, (args.dest, args.compare)):
+        if not storage.exists(storage.join(run, "run.json")):
+            return fail_usage(parser.prog, f"no run at {storage.redact(run)} (run.json not found)")
     try:
         if args.sweep:
             table = sweep(args.dest, args.annotations, _thresholds(parser, args.sweep))
@@ -74,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(tables["recall"].to_string(index=False))
                     print()
                     print(tables["false_instances"].to_string(index=False))
+            return 0
+        if args.compare:
+            compared = compare_ap50(args.dest, args.compare, args.annotations)
+            if args.json:
+                print(json.dumps(compared))
+            else:
+                print(pd.Series(compared).rename("value").to_frame().to_string(float_format="{:.4f}".format))
             return 0
         scores, tables = evaluate(args.dest, args.annotations)
     except (OSError, ValueError, KeyError) as exc:

@@ -8,6 +8,8 @@
   over images (``agnostic.segm.AP50.se``; 200 draws of as many images with
   replacement, per-image matches from one COCOeval run): how far AP50 would
   move on another archive of the same look and size.
+* Comparison of two runs over the same images: both AP50s and the difference
+  with its paired standard error (the same draws of images for both).
 * Matching: precision, recall and F1 of every stored instance at mask IoU
   0.5 (greedy one-to-one matching by score, class-agnostic; StarDist's and
   the cell-tracking challenges' figure). Unlike AP, F1 has no recall grid:
@@ -278,11 +280,71 @@ def ap50_standard_error(
     another archive of this look and size). 0.0 without objects."""
     if sum(m.objects for m in matches) == 0:
         return 0.0
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(matches), size=(samples, len(matches)))
-    values = np.array([ap50_of([matches[i] for i in draw], recall_points) for draw in draws])
-    values = values[values > -1]  # a draw without objects has no AP
+    draws = np.random.default_rng(seed).integers(0, len(matches), size=(samples, len(matches)))
+    values = _drawn_ap50(matches, recall_points, draws)
+    return _spread(values[values > -1])  # a draw without objects has no AP
+
+
+def _drawn_ap50(matches: list[ImageMatches], recall_points: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """:func:`ap50_of` of each row of ``draws`` (samples, images): indices into ``matches``."""
+    return np.array([ap50_of([matches[i] for i in draw], recall_points) for draw in draws])
+
+
+def _spread(values: np.ndarray) -> float:
+    """Sample standard deviation, 0.0 for fewer than two values."""
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def compare_ap50(dest: str, other: str, annotations: str, *, samples: int = 200, seed: int = 0) -> dict:
+    """Class-agnostic mask AP50 of two runs over the same ground-truth images (each run's stored
+    instances), with each one's bootstrap standard error, and the difference ``other - dest`` with its
+    paired standard error: both runs scored on the same ``samples`` draws of images, so what the
+    images share does not count as noise.
+
+    Raises:
+        ValueError: the runs do not cover the same ground-truth images.
+    """
+    runs = [load(run, annotations) for run in (dest, other)]
+    image_ids = [sorted(run.images["gt_id"].unique().tolist()) for run in runs]
+    if image_ids[0] != image_ids[1]:
+        raise ValueError(
+            f"the runs cover different images of {annotations} ({len(image_ids[0])} and "
+            f"{len(image_ids[1])}); compare runs of the same source"
+        )
+    ids = image_ids[0]
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
+    whole, drawn = [], []
+    for run in runs:
+        matches, recall_points = _agnostic_matches(
+            run.coco, detections_from_instances(run.instances, run.coco), ids
+        )
+        whole.append(ap50_of(matches, recall_points))
+        drawn.append(_drawn_ap50(matches, recall_points, draws))
+    valid = (drawn[0] > -1) & (drawn[1] > -1)  # a draw without objects has no AP
+    return {
+        "images": len(ids),
+        "AP50": whole[0],
+        "AP50.se": _spread(drawn[0][valid]),
+        "other.AP50": whole[1],
+        "other.AP50.se": _spread(drawn[1][valid]),
+        "difference": whole[1] - whole[0],
+        "difference.se": _spread(drawn[1][valid] - drawn[0][valid]),
+    }
+
+
+def _agnostic_matches(coco: COCO, detections: list[dict], image_ids: list[int]):
+    """(:func:`image_matches_at_50` per image of ``image_ids``, COCOeval's recall points); a run
+    without detections has each image's objects and nothing found."""
+    if detections:
+        evaluator = per_image_evaluation(coco, detections, image_ids, "segm", use_cats=False)
+        return image_matches_at_50(evaluator), evaluator.params.recThrs
+    truth = ground_truth_counts(coco, image_ids).groupby("gt_id").size()
+    nothing = np.zeros(0)
+    matches = [
+        ImageMatches(nothing, nothing.astype(bool), nothing.astype(bool), int(truth.get(i, 0)))
+        for i in image_ids
+    ]
+    return matches, COCOeval(iouType="segm").params.recThrs
 
 
 def ground_truth_counts(coco: COCO, image_ids) -> pd.DataFrame:

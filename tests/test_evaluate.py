@@ -18,6 +18,7 @@ from pipeline.evaluate import (
     agnostic_mask_ap,
     ap50_of,
     coco_ap,
+    compare_ap50,
     detections_from_instances,
     equivalent_diameters,
     evaluate,
@@ -127,6 +128,45 @@ def test_ground_truth_scores_one_and_missing_instances_score_lower(archive, tmp_
     swept = sweep(str(tmp_path / "half"), str(archive / "annotations.json"), [0.0]).iloc[0]
     assert half["match.precision"] == 1.0 and 0.4 < half["match.recall"] < 0.6
     assert half["match.recall"] == swept["recall"] and half["match.f1"] == swept["f1"]
+
+
+def test_two_runs_compared_on_the_same_draws_of_images(archive, tmp_path):
+    annotations = str(archive / "annotations.json")
+    write_run_from_ground_truth(archive, tmp_path / "perfect")
+    write_run_from_ground_truth(archive, tmp_path / "half", drop_every=2)
+    half, _ = evaluate(str(tmp_path / "half"), annotations)
+    compared = compare_ap50(str(tmp_path / "perfect"), str(tmp_path / "half"), annotations)
+    assert compared["images"] == 6 and compared["AP50"] == pytest.approx(1.0) and compared["AP50.se"] < 1e-9
+    assert compared["other.AP50"] == pytest.approx(half["agnostic.segm.AP50"], abs=1e-12)
+    assert compared["other.AP50.se"] == pytest.approx(half["agnostic.segm.AP50.se"], abs=1e-12)
+    assert compared["difference"] == pytest.approx(compared["other.AP50"] - 1.0)
+    # Against a run that scores 1 on every draw, the difference moves exactly as the other run does.
+    assert compared["difference.se"] == pytest.approx(compared["other.AP50.se"], abs=1e-9)
+    assert compared["difference.se"] > 0
+    itself = compare_ap50(str(tmp_path / "half"), str(tmp_path / "half"), annotations)
+    assert itself["difference"] == 0 and itself["difference.se"] == 0 and itself["AP50.se"] > 0
+    result = run_job(
+        "jobs.evaluate",
+        str(tmp_path / "half"),
+        "--annotations",
+        annotations,
+        "--compare",
+        str(tmp_path / "perfect"),
+        "--json",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["difference"] == pytest.approx(1.0 - compared["other.AP50"])
+    missing = run_job(
+        "jobs.evaluate",
+        str(tmp_path / "half"),
+        "--annotations",
+        annotations,
+        "--compare",
+        str(tmp_path / "nothing"),
+        timeout=300,
+    )
+    assert missing.returncode == 2 and "no run at" in missing.stderr
 
 
 def test_sweep_counts_and_matches(archive, tmp_path):
