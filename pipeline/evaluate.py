@@ -259,6 +259,8 @@ def ap50_of(matches: list[ImageMatches], recall_points: np.ndarray) -> float:
     if objects == 0:
         return -1.0
     scores = np.concatenate([m.scores for m in matches])
+    if len(scores) == 0:
+        return 0.0
     order = np.argsort(-scores, kind="mergesort")
     true = np.concatenate([m.true for m in matches])[order]
     counted = np.concatenate([m.counted for m in matches])[order]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -145,6 +147,15 @@ def test_two_runs_compared_on_the_same_draws_of_images(archive, tmp_path):
     assert compared["difference.se"] > 0
     itself = compare_ap50(str(tmp_path / "half"), str(tmp_path / "half"), annotations)
     assert itself["difference"] == 0 and itself["difference.se"] == 0 and itself["AP50.se"] > 0
+    shutil.copytree(tmp_path / "perfect", tmp_path / "none")
+    for shard in (tmp_path / "none" / "instances").iterdir():
+        pq.write_table(pq.read_table(shard).slice(0, 0), shard)  # a run that found nothing
+    nothing = compare_ap50(str(tmp_path / "none"), str(tmp_path / "perfect"), annotations)
+    assert (
+        nothing["AP50"] == 0
+        and nothing["difference"] == pytest.approx(1.0)
+        and nothing["difference.se"] < 1e-9
+    )
     result = run_job(
         "jobs.evaluate",
         str(tmp_path / "half"),
