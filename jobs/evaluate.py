@@ -3,7 +3,7 @@
 python -m jobs.evaluate DEST --annotations coco.json [--json]
 python -m jobs.evaluate DEST --annotations coco.json --sweep 0.3:0.9:0.1 [--plot sweep.png]
 python -m jobs.evaluate DEST --annotations coco.json --misses [--score-threshold 0.5] [--json]
-python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--json]
+python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--score-threshold 0.5] [--json]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--score-threshold",
         type=float,
-        help="with --misses: keep instances scoring at least this (default: all the run stored)",
+        help="with --misses or --compare: keep instances scoring at least this (default: all the run stored)",
     )
     parser.add_argument(
         "--compare",
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--plot needs --sweep")
     if args.misses and args.sweep:
         parser.error("--misses and --sweep are separate reports; ask for one")
-    if args.score_threshold is not None and not args.misses:
-        parser.error("--score-threshold needs --misses")
+    if args.score_threshold is not None and not (args.misses or args.compare):
+        parser.error("--score-threshold needs --misses or --compare")
     if args.compare and (args.sweep or args.misses):
         parser.error("--compare is a report of its own; ask for it without --sweep or --misses")
     for run in filter(None, (args.dest, args.compare)):
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(tables["false_instances"].to_string(index=False))
             return 0
         if args.compare:
-            compared = compare_ap50(args.dest, args.compare, args.annotations)
+            compared = compare_ap50(
+                args.dest, args.compare, args.annotations, score_threshold=args.score_threshold
+            )
             if args.json:
                 print(json.dumps(compared))
             else:

@@ -37,7 +37,7 @@ import collections
 import contextlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -297,16 +297,33 @@ def _spread(values: np.ndarray) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def compare_ap50(dest: str, other: str, annotations: str, *, samples: int = 200, seed: int = 0) -> dict:
-    """Class-agnostic mask AP50 of two runs over the same ground-truth images (each run's stored
-    instances), with each one's bootstrap standard error, and the difference ``other - dest`` with its
-    paired standard error: both runs scored on the same ``samples`` draws of images, so what the
-    images share does not count as noise.
+def compare_ap50(
+    dest: str,
+    other: str,
+    annotations: str,
+    *,
+    score_threshold: float | None = None,
+    samples: int = 200,
+    seed: int = 0,
+) -> dict:
+    """Class-agnostic mask AP50 of two runs over the same ground-truth images, with each one's
+    bootstrap standard error, and the difference ``other - dest`` with its paired standard error:
+    both runs scored on the same ``samples`` draws of images, so what the images share does not
+    count as noise. ``score_threshold``: the instances kept in both runs (default: every instance
+    each run stored).
 
     Raises:
-        ValueError: the runs do not cover the same ground-truth images.
+        ValueError: the runs do not cover the same ground-truth images, or ``score_threshold`` is
+            below a run's own (those scores were never stored).
     """
+    if score_threshold is not None:
+        for run in (dest, other):
+            _check_stored(run, score_threshold, "to keep scores from")
     runs = [load(run, annotations) for run in (dest, other)]
+    if score_threshold is not None:
+        runs = [
+            replace(run, instances=run.instances[run.instances["score"] >= score_threshold]) for run in runs
+        ]
     image_ids = [sorted(run.images["gt_id"].unique().tolist()) for run in runs]
     if image_ids[0] != image_ids[1]:
         raise ValueError(

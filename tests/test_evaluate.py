@@ -156,6 +156,13 @@ def test_two_runs_compared_on_the_same_draws_of_images(archive, tmp_path):
         and nothing["difference"] == pytest.approx(1.0)
         and nothing["difference.se"] < 1e-9
     )
+    above_all = compare_ap50(
+        str(tmp_path / "perfect"), str(tmp_path / "half"), annotations, score_threshold=1.01
+    )
+    assert above_all["AP50"] == above_all["other.AP50"] == 0  # every instance scores 1.0
+    write_run_from_ground_truth(archive, tmp_path / "at-half", score_threshold=0.5)
+    with pytest.raises(ValueError, match=r"--score-threshold 0\.3 or lower"):
+        compare_ap50(str(tmp_path / "perfect"), str(tmp_path / "at-half"), annotations, score_threshold=0.3)
     result = run_job(
         "jobs.evaluate",
         str(tmp_path / "half"),
