@@ -37,7 +37,7 @@ import collections
 import contextlib
 import io
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -75,12 +75,16 @@ class Matched:
     instances: pd.DataFrame
 
 
-def load(dest: str, annotations: str) -> Matched:
-    """Read the run's tables and the COCO file; match images by relative path.
+def load(dest: str, annotations: str, *, score_threshold: float | None = None) -> Matched:
+    """Read the run's tables and the COCO file; match images by relative path. ``score_threshold``:
+    the instances kept (default: every instance the run stored).
 
     Raises:
-        ValueError: no run image matches a ground-truth ``file_name``.
+        ValueError: no run image matches a ground-truth ``file_name``, or ``score_threshold`` is
+            below the run's own (those scores were never stored).
     """
+    if score_threshold is not None:
+        _check_stored(dest, score_threshold, "to keep scores from")
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(annotations)
     source = commit.read_json(storage.join(dest, "run.json"))["settings"]["source"].rstrip("/") + "/"
@@ -97,6 +101,8 @@ def load(dest: str, annotations: str) -> Matched:
     images["gt_id"] = images["gt_id"].astype(int)
     instances = read_table(dest, "instances")
     instances = instances[instances["image_id"].isin(images["image_id"])]
+    if score_threshold is not None:
+        instances = instances[instances["score"] >= score_threshold]
     instances = instances.merge(images[["image_id", "gt_id"]], on="image_id")
     return Matched(coco, images, instances)
 
@@ -316,14 +322,7 @@ def compare_ap50(
         ValueError: the runs do not cover the same ground-truth images, or ``score_threshold`` is
             below a run's own (those scores were never stored).
     """
-    if score_threshold is not None:
-        for run in (dest, other):
-            _check_stored(run, score_threshold, "to keep scores from")
-    runs = [load(run, annotations) for run in (dest, other)]
-    if score_threshold is not None:
-        runs = [
-            replace(run, instances=run.instances[run.instances["score"] >= score_threshold]) for run in runs
-        ]
+    runs = [load(run, annotations, score_threshold=score_threshold) for run in (dest, other)]
     image_ids = [sorted(run.images["gt_id"].unique().tolist()) for run in runs]
     if image_ids[0] != image_ids[1]:
         raise ValueError(
@@ -663,12 +662,8 @@ def misses(
     Raises:
         ValueError: ``score_threshold`` below the run's own (those were never stored).
     """
-    if score_threshold is not None:
-        _check_stored(dest, score_threshold, "to keep scores from")
-    matched = load(dest, annotations)
+    matched = load(dest, annotations, score_threshold=score_threshold)
     coco, instances = matched.coco, matched.instances
-    if score_threshold is not None:
-        instances = instances[instances["score"] >= score_threshold]
     ranked = _ranked_detections(detections_from_instances(instances, coco), matched.images["gt_id"])
     objects, kinds = [], []
     for gt_id in sorted(ranked):
