@@ -121,6 +121,10 @@ def iter_images(
     return (uri for uri, _ in iter_listing(source, listers=listers, filesystem=filesystem))
 
 
+def _filesystem_and_path(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    return (filesystem, source) if filesystem is not None else storage.resolve(source)
+
+
 def check_source(source: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
     """``source``'s filesystem and path, after one request that it is a folder or prefix (the segment
     job asks before it starts Ray, so a mistyped source fails at once).
@@ -128,7 +132,7 @@ def check_source(source: str, filesystem: pafs.FileSystem | None = None) -> tupl
     Raises:
         PlanError: the source does not exist or is not a folder/prefix.
     """
-    fs, root = (filesystem, source) if filesystem is not None else storage.resolve(source)
+    fs, root = _filesystem_and_path(source, filesystem)
     info = storage.retry_transient(lambda: fs.get_file_info(root))
     if info.type == pafs.FileType.NotFound:
         raise PlanError(f"source {storage.redact(source)} does not exist")
@@ -183,15 +187,16 @@ def iter_listing(
     ``filesystem`` lists ``source`` as a path on that filesystem instead of
     resolving it as a URI (a generated listing in benchmarks and tests).
     ``top_level``: the top level as :func:`check_source_top_level` listed it
-    (not listed again).
+    (neither checked nor listed again).
 
     Raises:
         PlanError: the source does not exist or is not a folder/prefix.
     """
-    fs, root = check_source(source, filesystem)
-    top = top_level
-    if top is None:
+    if top_level is None:
+        fs, root = check_source(source, filesystem)
         top = storage.retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root)))
+    else:  # already checked and listed
+        (fs, root), top = _filesystem_and_path(source, filesystem), top_level
     # A folder's paths all start with "name/": sorting the top level by that key keeps global order.
     top = sorted(
         (e for e in top if not e.base_name.startswith(".")),
