@@ -19,6 +19,15 @@ from pipeline import storage
 from pipeline.evaluate import compare_ap50, evaluate, misses, plot_sweep, sweep
 
 
+def value_table(values: dict[str, float | int], *, digits: int) -> str:
+    """One line per entry, ``name  value``: floats to ``digits`` decimals, counts as whole numbers."""
+    width = max(map(len, values), default=0)
+    return "\n".join(
+        f"{name:<{width}}  {value:.{digits}f}" if isinstance(value, float) else f"{name:<{width}}  {value}"
+        for name, value in values.items()
+    )
+
+
 def _thresholds(parser: ArgumentParser, text: str) -> list[float]:
     try:
         start, stop, step = (float(v) for v in text.split(":"))
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(compared))
             else:
-                print(pd.Series(compared).rename("value").to_frame().to_string(float_format="{:.4f}".format))
+                print(value_table(compared, digits=4))
             return 0
         scores, tables = evaluate(args.dest, args.annotations)
     except (OSError, ValueError, KeyError) as exc:
@@ -100,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**scores, "counts": tables["counts"].to_dict(orient="records")}))
         return 0
-    metrics = pd.Series(scores).rename("value").to_frame()
-    with pd.option_context("display.float_format", "{:.3f}".format, "display.max_rows", 200):
-        print(metrics.to_string())
-        print()
+    print(value_table(scores, digits=3))
+    print()
+    with pd.option_context("display.float_format", "{:.3f}".format):
         print(tables["counts"].to_string(index=False))
     return 0
 

@@ -187,6 +187,15 @@ def test_two_runs_compared_on_the_same_draws_of_images(archive, tmp_path):
     assert missing.returncode == 2 and "no run at" in missing.stderr
 
 
+def test_report_prints_counts_as_whole_numbers_and_scores_to_fixed_decimals():
+    from jobs.evaluate import value_table
+
+    text = value_table(
+        {"images": np.int64(256), "AP50": 0.948934, "difference.se": np.float64(0.0041)}, digits=4
+    )
+    assert text.splitlines() == ["images         256", "AP50           0.9489", "difference.se  0.0041"]
+
+
 def test_sweep_counts_and_matches(archive, tmp_path):
     coco = write_run_from_ground_truth(archive, tmp_path / "perfect")
     table = sweep(str(tmp_path / "perfect"), str(archive / "annotations.json"), [0.5, 1.0])
