@@ -3,7 +3,7 @@
 python -m jobs.bench masks [--device cpu|cuda] [--repeats N] [--json]
 python -m jobs.bench pipeline [--images N] [--size S] [--model M] [--device cpu|cuda] [--json]
 python -m jobs.bench robustness [--model M] [--slides 4] [--tiles-per-slide 16] [--real DIR ...]
-    [--cell-bodies F] [--scale auto|F] [--tta none|flips|dihedral] [--json]
+    [--cell-bodies F] [--scale auto|F] [--tta none|flips|dihedral] [--keep DIR] [--json]
 python -m jobs.bench scale [--sizes 100000,1000000] [--markers 10000] [--json]
 python -m jobs.bench slide [--slides 2] [--size 4096] [--tile-size 1024] [--model M] [--device D] [--json]
 python -m jobs.bench train [--steps 20] [--size 256] [--batch-size 4] [--device cpu|cuda] [--json]
@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     robust.add_argument(
         "--tta", choices=TTA_MODES, default="none", help="jobs.segment --tta for every archive (default none)"
+    )
+    robust.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep the archives, the run (DIR/run) and each archive's truth (DIR/truth-NAME.json) in this "
+        "new folder, e.g. to compare two models: jobs.evaluate DIR/run --annotations DIR/truth-noisy.json "
+        "--compare OTHER_DIR/run (default: a temporary folder, deleted)",
     )
     robust.add_argument("--json", action="store_true", help="one JSON object per archive")
     scale = sub.add_parser("scale", help="plan generated listings; resume scan of markers on S3 (no model)")
@@ -173,6 +181,8 @@ def _robustness(parser, args) -> int:
     if len({folder.name for folder in args.real}) < len(args.real):
         parser.error("--real folders must have different names (each names its row)")
     parser.require_fraction(args, "cell_bodies")
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep} is not empty; give a new folder")
     import pandas as pd
 
     from pipeline.bench import bench_robustness
@@ -187,6 +197,7 @@ def _robustness(parser, args) -> int:
         cell_bodies=args.cell_bodies,
         scale=args.scale,
         tta=args.tta,
+        workdir=args.keep,
     )
     if args.json:
         for row in rows:

@@ -469,7 +469,10 @@ def bench_robustness(
     images with ``*_labels.*`` instance label images beside them, a row each
     (:func:`pipeline.evaluate.label_images_to_coco`). ``cell_bodies``: the
     fraction of tiles with cell bodies in every archive (see :func:`robustness_looks`). ``scale``:
-    the segment job's ``--scale``; ``tta``: its ``--tta``.
+    the segment job's ``--scale``; ``tta``: its ``--tta``. ``workdir``: a folder to write
+    into and keep (``archives/NAME``, the run ``run``, each archive's truth
+    ``truth-NAME.json``, ``truth-real-I.json`` for the I-th real folder); None: a temporary
+    folder, deleted.
 
     Returns one dict per archive: ``archive``, ``tta``, ``images``,
     ``enlarged`` (the fraction of images the model saw enlarged), ``instances``, ``truth``

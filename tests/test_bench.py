@@ -73,7 +73,7 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
         cv2.imwrite(str(folder / "a_labels.png"), labels)
     flags = ["--slides", "1", "--tiles-per-slide", "2", "--size", "96", "--scale", "2"]
     flags += ["--real", str(real), "--real", str(other)]
-    flags.append("--json")
+    flags += ["--keep", str(tmp_path / "kept"), "--json"]
     result = bench("robustness", "--model", str(random_model_path), *flags, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -94,6 +94,14 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
     # Well-separated bright discs: the threshold baseline finds them exactly.
     for row in rows[-2:]:
         assert row["baseline_AP50"] == 1.0 and row["baseline_count_mae"] == 0
+    # --keep: the run and each archive's truth stay, and score as the table did.
+    from pipeline.evaluate import evaluate
+
+    noisy = next(row for row in rows if row["archive"] == "noisy")
+    scores, _ = evaluate(str(tmp_path / "kept" / "run"), str(tmp_path / "kept" / "truth-noisy.json"))
+    assert round(scores["agnostic.segm.AP50"], 3) == noisy["AP50"] and scores["images"] == noisy["images"]
+    refused = bench("robustness", "--keep", str(tmp_path / "kept"), timeout=60)
+    assert refused.returncode == 2 and "not empty" in refused.stderr
 
 
 def test_robustness_archives_take_cell_bodies_where_asked_and_keep_their_shifts():
