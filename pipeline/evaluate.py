@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -708,13 +709,26 @@ def _recall_by_size(objects: pd.DataFrame, bands: int) -> pd.DataFrame:
         row["objects"], row["recall"] = len(group), group["found"].mean()
         return row
 
+    names = _band_names(edges)
     rows = []
     for b in range(last + 1):
         group = objects[band == b]
         if len(group):
-            name = f"{edges[b]:.0f}-{edges[b + 1]:.0f}" if len(edges) > 1 else f"{edges[0]:.0f}"
-            rows.append({"diameter_px": name, **summary(group)})
+            rows.append({"diameter_px": names[b], **summary(group)})
     return pd.DataFrame([*rows, {"diameter_px": "all", **summary(objects)}])
+
+
+def _band_names(edges: np.ndarray) -> list[str]:
+    """Names ("8-10") of the bands between consecutive ``edges`` (one edge: that value), with
+    the fewest decimals (0 to 2) that tell every edge apart, so narrow bands ("6.4-6.9") keep
+    distinct names."""
+    for digits in (0, 1, 2):
+        text = [f"{edge:.{digits}f}" for edge in edges]
+        if len(set(text)) == len(text):
+            break
+    if len(text) == 1:
+        return text
+    return [f"{low}-{high}" for low, high in itertools.pairwise(text)]
 
 
 def labelled_images(folder: str | Path, suffix: str = "_labels") -> list[tuple[Path, Path]]:

@@ -416,6 +416,18 @@ def test_misses_split_recall_by_size_and_contact_and_name_the_false_instances(ar
     assert half["recall"] == pytest.approx(kept / len(coco["annotations"]))
 
 
+def test_size_bands_of_narrowly_spread_objects_keep_distinct_names():
+    from pipeline.evaluate import _recall_by_size
+
+    objects = pd.DataFrame(
+        {"diameter": np.linspace(6.4, 7.8, 50), "touching": np.arange(50) % 2 == 0, "found": True}
+    )
+    names = _recall_by_size(objects, bands=5)["diameter_px"].tolist()
+    assert names == ["6.4-6.7", "6.7-7.0", "7.0-7.2", "7.2-7.5", "7.5-7.8", "all"]
+    wide = pd.DataFrame({"diameter": np.linspace(8, 48, 50), "touching": False, "found": True})
+    assert _recall_by_size(wide, bands=2)["diameter_px"].tolist() == ["8-28", "28-48", "all"]
+
+
 def _objects_per_image(coco: dict) -> list[int]:
     counts: dict[int, int] = {}
     for ann in coco["annotations"]:
