@@ -3,7 +3,8 @@
 python -m jobs.evaluate DEST --annotations coco.json [--json]
 python -m jobs.evaluate DEST --annotations coco.json --sweep 0.3:0.9:0.1 [--plot sweep.png]
 python -m jobs.evaluate DEST --annotations coco.json --misses [--score-threshold 0.5] [--json]
-python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--score-threshold 0.5] [--json]
+python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--score-threshold 0.5]
+    [--other-score-threshold 0.7] [--json]
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --misses or --compare: keep instances scoring at least this (default: all the run stored)",
     )
     parser.add_argument(
+        "--other-score-threshold",
+        type=float,
+        help="with --compare: keep OTHER_DEST's instances scoring at least this (default: "
+        "--score-threshold), e.g. each model at its own card's threshold",
+    )
+    parser.add_argument(
         "--compare",
         metavar="OTHER_DEST",
         help="another run over the same images: both mask AP50s and the difference (OTHER - DEST) "
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--misses and --sweep are separate reports; ask for one")
     if args.score_threshold is not None and not (args.misses or args.compare):
         parser.error("--score-threshold needs --misses or --compare")
+    if args.other_score_threshold is not None and not args.compare:
+        parser.error("--other-score-threshold needs --compare")
     if args.compare and (args.sweep or args.misses):
         parser.error("--compare is a report of its own; ask for it without --sweep or --misses")
     for run in filter(None, (args.dest, args.compare)):
@@ -96,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.compare:
             compared = compare_ap50(
-                args.dest, args.compare, args.annotations, score_threshold=args.score_threshold
+                args.dest,
+                args.compare,
+                args.annotations,
+                score_threshold=args.score_threshold,
+                other_score_threshold=args.other_score_threshold,
             )
             if args.json:
                 print(json.dumps(compared))

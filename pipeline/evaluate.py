@@ -310,20 +310,27 @@ def compare_ap50(
     annotations: str,
     *,
     score_threshold: float | None = None,
+    other_score_threshold: float | None = None,
     samples: int = 200,
     seed: int = 0,
 ) -> dict:
     """Class-agnostic mask AP50 of two runs over the same ground-truth images, with each one's
     bootstrap standard error, and the difference ``other - dest`` with its paired standard error:
     both runs scored on the same ``samples`` draws of images, so what the images share does not
-    count as noise. ``score_threshold``: the instances kept in both runs (default: every instance
-    each run stored).
+    count as noise. ``score_threshold``: the instances of ``dest`` kept (default: every instance
+    it stored); ``other_score_threshold``: those of ``other`` (default: ``score_threshold``), e.g.
+    two models each at its own card's threshold.
 
     Raises:
-        ValueError: the runs do not cover the same ground-truth images, or ``score_threshold`` is
-            below a run's own (those scores were never stored).
+        ValueError: the runs do not cover the same ground-truth images, or a threshold is below its
+            run's own (those scores were never stored).
     """
-    runs = [load(run, annotations, score_threshold=score_threshold) for run in (dest, other)]
+    if other_score_threshold is None:
+        other_score_threshold = score_threshold
+    runs = [
+        load(run, annotations, score_threshold=threshold)
+        for run, threshold in ((dest, score_threshold), (other, other_score_threshold))
+    ]
     image_ids = [sorted(run.images["gt_id"].unique().tolist()) for run in runs]
     if image_ids[0] != image_ids[1]:
         raise ValueError(

@@ -163,6 +163,15 @@ def test_two_runs_compared_on_the_same_draws_of_images(archive, tmp_path):
     write_run_from_ground_truth(archive, tmp_path / "at-half", score_threshold=0.5)
     with pytest.raises(ValueError, match=r"--score-threshold 0\.3 or lower"):
         compare_ap50(str(tmp_path / "perfect"), str(tmp_path / "at-half"), annotations, score_threshold=0.3)
+    # Each run at its own threshold: the other run's instances all score under 1.01, the first's not.
+    each_own = compare_ap50(
+        str(tmp_path / "perfect"),
+        str(tmp_path / "at-half"),
+        annotations,
+        score_threshold=0.3,
+        other_score_threshold=1.01,
+    )
+    assert each_own["AP50"] == pytest.approx(1.0) and each_own["other.AP50"] == 0
     result = run_job(
         "jobs.evaluate",
         str(tmp_path / "half"),
@@ -448,6 +457,9 @@ def test_misses_job_prints_json_and_refuses_scores_the_run_never_kept(archive, t
     with pytest.raises(SystemExit) as usage:
         evaluate_job.main([*base[:3], "--score-threshold", "0.6"])
     assert usage.value.code == 2
+    with pytest.raises(SystemExit) as usage:
+        evaluate_job.main([*base, "--other-score-threshold", "0.6"])
+    assert usage.value.code == 2 and "--other-score-threshold needs --compare" in capsys.readouterr().err
 
 
 def test_the_analysis_jobs_do_not_import_torch():
