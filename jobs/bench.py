@@ -181,8 +181,8 @@ def _robustness(parser, args) -> int:
     if len({folder.name for folder in args.real}) < len(args.real):
         parser.error("--real folders must have different names (each names its row)")
     parser.require_fraction(args, "cell_bodies")
-    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
-        parser.error(f"--keep {args.keep} is not empty; give a new folder")
+    if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        parser.error(f"--keep {args.keep} is not an empty folder; give a new one")
     import pandas as pd
 
     from pipeline.bench import bench_robustness

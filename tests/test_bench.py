@@ -100,8 +100,9 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
     noisy = next(row for row in rows if row["archive"] == "noisy")
     scores, _ = evaluate(str(tmp_path / "kept" / "run"), str(tmp_path / "kept" / "truth-noisy.json"))
     assert round(scores["agnostic.segm.AP50"], 3) == noisy["AP50"] and scores["images"] == noisy["images"]
-    refused = bench("robustness", "--keep", str(tmp_path / "kept"), timeout=60)
-    assert refused.returncode == 2 and "not empty" in refused.stderr
+    for taken in (tmp_path / "kept", tmp_path / "kept" / "run" / "run.json"):
+        refused = bench("robustness", "--keep", str(taken), timeout=60)
+        assert refused.returncode == 2 and "not an empty folder" in refused.stderr
 
 
 def test_robustness_archives_take_cell_bodies_where_asked_and_keep_their_shifts():
