@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 USAGE_ERROR = 2
+CLOSED_PIPE = 141
+"""Exit code when the reader of stdout went away (``| head``): 128 + SIGPIPE, as a shell reports a
+Unix tool that the signal ended."""
 
 
 class UsageError(Exception):
@@ -55,3 +61,17 @@ def fail_usage(prog: str, message: str) -> int:
     first_line = str(message).strip().splitlines()[0] if str(message).strip() else "error"
     print(f"{prog}: error: {first_line}", file=sys.stderr)
     return USAGE_ERROR
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s code. A reader that stops early (``python -m jobs.stats RUN | head``)
+    ends the job quietly with :data:`CLOSED_PIPE` instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            code = main()
+        finally:
+            sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe cannot be caught
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush writes nowhere
+        sys.exit(CLOSED_PIPE)
+    sys.exit(code)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 from pathlib import Path
 
-from jobs._cli import ArgumentParser, scale_factor
+from jobs._cli import ArgumentParser, run_main, scale_factor
 from pipeline.card import TTA_MODES
 
 
@@ -265,4 +264,4 @@ def _machine() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

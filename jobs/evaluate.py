@@ -10,12 +10,11 @@ python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--sco
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 
-from jobs._cli import ArgumentParser, fail_usage
+from jobs._cli import ArgumentParser, fail_usage, run_main
 from pipeline import storage
 from pipeline.evaluate import compare_ap50, evaluate, misses, plot_sweep, sweep
 
@@ -130,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

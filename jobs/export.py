@@ -7,10 +7,9 @@ python -m jobs.export DEST --format geojson (--slide S | --image URI) --output S
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from jobs._cli import ArgumentParser, fail_usage
+from jobs._cli import ArgumentParser, fail_usage, run_main
 from pipeline import storage
 from pipeline.export import coco_results, write_geojson
 
@@ -55,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -7,11 +7,9 @@ python -m jobs.render DEST --slide S --output S.png [--region X,Y,W,H]   # a who
 
 from __future__ import annotations
 
-import sys
-
 import cv2
 
-from jobs._cli import ArgumentParser, fail_usage
+from jobs._cli import ArgumentParser, fail_usage, run_main
 from pipeline import storage
 from pipeline.render import (
     contact_sheet,
@@ -91,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

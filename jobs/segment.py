@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from jobs._cli import ArgumentParser, fail_usage, scale_factor
+from jobs._cli import ArgumentParser, fail_usage, run_main, scale_factor
 from pipeline import lock, segment, storage
 from pipeline.card import TTA_MODES, ModelLoadError
 from pipeline.plan import PlanError
@@ -248,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

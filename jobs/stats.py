@@ -6,11 +6,9 @@ python -m jobs.stats DEST [--by slide|image] [--class NAME] [--pixel-size-um X] 
 
 from __future__ import annotations
 
-import sys
-
 import pandas as pd
 
-from jobs._cli import ArgumentParser, fail_usage
+from jobs._cli import ArgumentParser, fail_usage, run_main
 from pipeline import storage
 from pipeline.stats import per_slide
 
@@ -73,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

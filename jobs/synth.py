@@ -8,10 +8,9 @@ python -m jobs.synth DEST --whole-slides --slides 2 [--size 3072] [--seed 0]
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import replace
 
-from jobs._cli import ArgumentParser
+from jobs._cli import ArgumentParser, run_main
 from pipeline.synth import SHIFTS, SLIDE_MPP, TRAINING, write_archive, write_slide_archive
 
 
@@ -80,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from jobs._cli import ArgumentParser, fail_usage
+from jobs._cli import ArgumentParser, fail_usage, run_main
 from pipeline.model import ARCHITECTURES, ModelLoadError
 from pipeline.preprocess import parse_channel
 from pipeline.train import PREFETCH_BATCHES, TrainConfig, train
@@ -98,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

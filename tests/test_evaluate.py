@@ -462,6 +462,18 @@ def test_misses_job_prints_json_and_refuses_scores_the_run_never_kept(archive, t
     assert usage.value.code == 2 and "--other-score-threshold needs --compare" in capsys.readouterr().err
 
 
+def test_a_reader_that_stops_early_ends_the_report_quietly(archive, tmp_path):
+    """``jobs.evaluate RUN --annotations A | head``: exit 141 (128 + SIGPIPE, as a shell reports a
+    tool the signal ended), nothing on stderr, where a BrokenPipeError traceback was."""
+    write_run_from_ground_truth(archive, tmp_path / "run")
+    command = [sys.executable, "-m", "jobs.evaluate", str(tmp_path / "run")]
+    command += ["--annotations", str(archive / "annotations.json")]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job.stdout.close()  # the reader is gone before the first line
+    stderr = job.stderr.read().decode()
+    assert job.wait(timeout=120) == 141 and stderr == ""
+
+
 def test_the_analysis_jobs_do_not_import_torch():
     """Evaluation, export, statistics and pictures read Parquet and masks: they start in about a second,
     without torch (seconds to import, about 0.7 GB resident), which only pasting on the device needs."""
