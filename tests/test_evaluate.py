@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -468,10 +469,12 @@ def test_a_reader_that_stops_early_ends_the_report_quietly(archive, tmp_path):
     write_run_from_ground_truth(archive, tmp_path / "run")
     command = [sys.executable, "-m", "jobs.evaluate", str(tmp_path / "run")]
     command += ["--annotations", str(archive / "annotations.json")]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    job.stdout.close()  # the reader is gone before the first line
-    stderr = job.stderr.read().decode()
-    assert job.wait(timeout=120) == 141 and stderr == ""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    job = subprocess.Popen(command, cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 141 and stderr == ""
 
 
 def test_the_analysis_jobs_do_not_import_torch():
