@@ -289,9 +289,15 @@ def ap50_standard_error(
     another archive of this look and size). 0.0 without objects."""
     if sum(m.objects for m in matches) == 0:
         return 0.0
-    draws = np.random.default_rng(seed).integers(0, len(matches), size=(samples, len(matches)))
-    values = _drawn_ap50(matches, recall_points, draws)
+    values = _drawn_ap50(matches, recall_points, _bootstrap_draws(len(matches), samples, seed))
     return _spread(values[values > -1])  # a draw without objects has no AP
+
+
+def _bootstrap_draws(images: int, samples: int, seed: int) -> np.ndarray:
+    """int (samples, images): each row a draw of as many image indices, with replacement. One
+    function for :func:`ap50_standard_error` and :func:`compare_ap50`, so that at the same
+    ``samples`` and ``seed`` they score the same draws."""
+    return np.random.default_rng(seed).integers(0, images, size=(samples, images))
 
 
 def _drawn_ap50(matches: list[ImageMatches], recall_points: np.ndarray, draws: np.ndarray) -> np.ndarray:
@@ -338,7 +344,7 @@ def compare_ap50(
             f"{len(image_ids[1])}); compare runs of the same source"
         )
     ids = image_ids[0]
-    draws = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
+    draws = _bootstrap_draws(len(ids), samples, seed)
     whole, drawn = [], []
     for run in runs:
         matches, recall_points = _agnostic_matches(
