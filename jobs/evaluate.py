@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--misses",
         action="store_true",
-        help="where the errors are: recall per object size, isolated against touching, and the kinds "
-        "of false instances",
+        help="where the errors are: recall per object size and per contrast-to-noise ratio, isolated "
+        "against touching, and the kinds of false instances",
     )
     parser.add_argument(
         "--score-threshold",
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
                     print(tables["recall"].to_string(index=False))
+                    print()
+                    print(tables["recall_by_contrast"].to_string(index=False))
                     print()
                     print(tables["false_instances"].to_string(index=False))
             return 0

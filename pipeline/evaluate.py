@@ -23,7 +23,8 @@
   the same way, class-agnostic.
 * Sweep: per score threshold, instance count and precision / recall at mask
   IoU 0.5 (greedy one-to-one matching by score).
-* Misses: recall at mask IoU 0.5 per object size band, isolated against
+* Misses: recall at mask IoU 0.5 per object size band and per band of the
+  objects' contrast-to-noise ratio measured on the image, isolated against
   touching objects, and what the false instances are (duplicates, near misses,
   background): where a model's errors are, not only how many.
 
@@ -62,6 +63,14 @@ BASELINE_MIN_AREA = 12
 """Connected components smaller than this (px) are noise, not nuclei, for the baseline."""
 MATCH_IOU = 0.5
 """Mask IoU at which a prediction matches an object (AP50's criterion)."""
+CONTRAST_RING_PX = (2, 5)
+"""An object's background ring, for its contrast: the pixels 2 to 5 px (chessboard distance) outside
+it that belong to no object (the first pixel outside is left to the soft edge)."""
+CONTRAST_EDGES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+"""Band edges of the recall-by-contrast report: fixed, so that two archives or two models compare
+band by band."""
+CONTRAST_MAX_PIXELS = 10**8
+"""Images (and slides' level 0) up to this many pixels are read whole for their objects' contrast."""
 NEAR_MISS_IOU = 0.1
 """A false instance whose best mask IoU with an object reaches this is a near miss (a loose mask, a
 piece or a merge of real objects); below it, it lies on background."""
@@ -669,6 +678,10 @@ def misses(
     Returns:
         ``recall``: per size band (``diameter_px``, "8-10" px, and a last row ``all``): objects
         and recall of the isolated ones, of those touching or overlapping another, of all;
+        ``recall_by_contrast``: the same per band of :func:`object_contrast` (``contrast_to_noise``,
+        fixed bands :data:`CONTRAST_EDGES`; measured on the channel the run's model saw: its
+        ``--channel``, else the maximum over channels), objects walled in by others or whose
+        image could not be read whole in a band ``unmeasured``;
         ``false_instances``: the unmatched instances by kind, ``duplicate`` (IoU >= 0.5 with an
         object a higher-scoring instance took), ``near miss`` (best IoU :data:`NEAR_MISS_IOU`
         to 0.5), ``background``, with their count and share of all instances.
@@ -679,6 +692,8 @@ def misses(
     matched = load(dest, annotations, score_threshold=score_threshold)
     coco, instances = matched.coco, matched.instances
     ranked = _ranked_detections(detections_from_instances(instances, coco), matched.images["gt_id"])
+    uris = dict(zip(matched.images["gt_id"], matched.images["uri"], strict=True))
+    channel = commit.read_json(storage.join(dest, "run.json"))["settings"].get("channel")
     objects, kinds = [], []
     for gt_id in sorted(ranked):
         truth = _object_masks(coco, gt_id)
@@ -687,7 +702,12 @@ def misses(
         found[match[match >= 0]] = True
         objects.append(
             pd.DataFrame(
-                {"diameter": equivalent_diameters(truth), "touching": touching_objects(truth), "found": found}
+                {
+                    "diameter": equivalent_diameters(truth),
+                    "contrast": _contrast_in_image(uris[gt_id], channel, truth),
+                    "touching": touching_objects(truth),
+                    "found": found,
+                }
             )
         )
         unmatched = best[match < 0]
@@ -703,32 +723,110 @@ def misses(
         .reset_index(name="instances")
     )
     false_instances["share"] = false_instances["instances"] / max(len(instances), 1)
-    return {"recall": _recall_by_size(objects, bands), "false_instances": false_instances}
+    return {
+        "recall": _recall_by_size(objects, bands),
+        "recall_by_contrast": _recall_by_contrast(objects),
+        "false_instances": false_instances,
+    }
+
+
+def object_contrast(values: np.ndarray, truth: list[dict]) -> np.ndarray:
+    """Contrast-to-noise ratio of each object of one image: how far it stands out of its surroundings.
+
+    (mean of the object's pixels - median of its background ring, :data:`CONTRAST_RING_PX`) / the
+    image's pixel noise (:func:`pipeline.preprocess.noise_sigma` over the pixels more than
+    ``CONTRAST_RING_PX[0]`` px from every object). About 1: an object as bright above its
+    surroundings as one pixel's noise; blur that spills light into the ring lowers it.
+
+    Args:
+        values: (H, W) raw intensities, any numeric type.
+        truth: COCO RLEs of the image's objects, each of size (H, W).
+
+    Returns:
+        float64 (len(truth),); NaN for an object with no background ring (walled in by others).
+    """
+    if not truth:
+        return np.zeros(0)
+    height, width = values.shape
+    inner, outer = CONTRAST_RING_PX
+    cover = np.zeros((height, width), bool)
+    crops = []
+    for rle in truth:
+        x, y, w, h = mask_utils.toBbox(rle)
+        x0, y0 = max(int(x) - outer, 0), max(int(y) - outer, 0)
+        x1, y1 = min(int(np.ceil(x + w)) + outer, width), min(int(np.ceil(y + h)) + outer, height)
+        mask = decode_box(rle, x0, y0, x1, y1)
+        cover[y0:y1, x0:x1] |= mask.astype(bool)
+        crops.append((mask, x0, y0))
+    noise = preprocess.noise_sigma(values, where=~_dilated(cover.view(np.uint8), inner))
+    intensity = values.astype(np.float64)
+    contrast = np.full(len(truth), np.nan)
+    for k, (mask, x0, y0) in enumerate(crops):
+        h, w = mask.shape
+        ring = _dilated(mask, outer) & ~_dilated(mask, inner - 1) & ~cover[y0 : y0 + h, x0 : x0 + w]
+        window = intensity[y0 : y0 + h, x0 : x0 + w]
+        if ring.any() and mask.any() and noise > 0:
+            contrast[k] = (window[mask.astype(bool)].mean() - np.median(window[ring])) / noise
+    return contrast
+
+
+def _dilated(mask: np.ndarray, radius: int) -> np.ndarray:
+    """bool: ``mask`` (uint8) grown by ``radius`` px in chessboard distance."""
+    return cv2.dilate(mask, np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)).astype(bool)
+
+
+def _contrast_in_image(uri: str, channel: str | int | None, truth: list[dict]) -> np.ndarray:
+    """:func:`object_contrast` of an image's objects on the channel the model saw (``channel``, else
+    the maximum over channels); NaN for each if the image cannot be read whole (a slide larger than
+    :data:`CONTRAST_MAX_PIXELS`)."""
+    try:
+        raw = _whole_image(uri, CONTRAST_MAX_PIXELS)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, RawImage):
+        return np.full(len(truth), np.nan)
+    values = preprocess.select_channels(raw.pixels, "max" if channel is None else channel, raw.channel_names)
+    return object_contrast(values.max(axis=2) if values.ndim == 3 else values, truth)
 
 
 def _recall_by_size(objects: pd.DataFrame, bands: int) -> pd.DataFrame:
-    """Objects and recall per diameter band (quantile edges), isolated / touching / all, plus ``all``."""
+    """:func:`_recall_table` per diameter band (``bands`` quantile edges of the objects' diameters)."""
     if objects.empty:
-        return pd.DataFrame(columns=["diameter_px", "objects", "recall"])
+        return _recall_table(objects, np.zeros(0, int), [], "diameter_px")
     edges = np.unique(np.quantile(objects["diameter"], np.linspace(0, 1, bands + 1)))
     last = max(len(edges) - 2, 0)
     band = np.clip(np.searchsorted(edges, objects["diameter"], side="right") - 1, 0, last)
+    return _recall_table(objects, band, _band_names(edges), "diameter_px")
+
+
+def _recall_by_contrast(objects: pd.DataFrame) -> pd.DataFrame:
+    """:func:`_recall_table` per contrast-to-noise band (:data:`CONTRAST_EDGES`), then ``unmeasured``."""
+    edges = [f"{edge:g}" for edge in CONTRAST_EDGES]
+    inner = [f"{low}-{high}" for low, high in itertools.pairwise(edges)]
+    names = [f"under {edges[0]}", *inner, f"{edges[-1]} and over"]
+    band = np.searchsorted(CONTRAST_EDGES, objects["contrast"].to_numpy(), side="right")
+    band = np.where(objects["contrast"].notna(), band, len(names))
+    return _recall_table(objects, band, [*names, "unmeasured"], "contrast_to_noise")
+
+
+def _recall_table(objects: pd.DataFrame, band: np.ndarray, names: list[str], column: str) -> pd.DataFrame:
+    """Objects and recall of each band (``band``: an index into ``names`` per object) that has
+    objects, isolated / touching / all, named in ``column``; a last row ``all``."""
+    if objects.empty:
+        return pd.DataFrame(columns=[column, "objects", "recall"])
 
     def summary(group: pd.DataFrame) -> dict:
         row = {}
-        for name, part in (("isolated", group[~group["touching"]]), ("touching", group[group["touching"]])):
-            row[f"{name}_objects"] = len(part)
-            row[f"{name}_recall"] = part["found"].mean() if len(part) else np.nan
+        for kind, part in (("isolated", group[~group["touching"]]), ("touching", group[group["touching"]])):
+            row[f"{kind}_objects"] = len(part)
+            row[f"{kind}_recall"] = part["found"].mean() if len(part) else np.nan
         row["objects"], row["recall"] = len(group), group["found"].mean()
         return row
 
-    names = _band_names(edges)
-    rows = []
-    for b in range(last + 1):
-        group = objects[band == b]
-        if len(group):
-            rows.append({"diameter_px": names[b], **summary(group)})
-    return pd.DataFrame([*rows, {"diameter_px": "all", **summary(objects)}])
+    rows = [
+        {column: name, **summary(objects[band == b])} for b, name in enumerate(names) if (band == b).any()
+    ]
+    return pd.DataFrame([*rows, {column: "all", **summary(objects)}])
 
 
 def _band_names(edges: np.ndarray) -> list[str]:

@@ -165,18 +165,23 @@ def _sample(values: np.ndarray) -> np.ndarray:
     return values[::step, ::step]
 
 
-def noise_sigma(values: np.ndarray) -> float:
+def noise_sigma(values: np.ndarray, where: np.ndarray | None = None) -> float:
     """Pixel noise of an image (H, W[, C]), from the median absolute difference of horizontal neighbours.
 
     Robust to the objects in the image (their edges are a minority of pixel
     pairs). For integer types it is at least one grey level, so a perfectly
-    flat image still gets a finite floor.
+    flat image still gets a finite floor. ``where`` (bool, H x W): only pairs
+    of neighbours both inside it count (e.g. the background); none left gives
+    the floor.
     """
     # Whole rows at a stride: neighbours stay adjacent in the original image.
     row_step = max(1, math.ceil(values.shape[0] * values.shape[1] / PERCENTILE_SAMPLE_PIXELS))
     rows = values[::row_step]
     rows = rows.astype(np.float32)
     differences = np.abs(rows[:, 1:] - rows[:, :-1])
+    if where is not None:
+        kept = where[::row_step]
+        differences = differences[kept[:, 1:] & kept[:, :-1]]
     sigma = float(np.median(differences)) * MAD_TO_SIGMA if differences.size else 0.0
     quantum = 1.0 if np.issubdtype(values.dtype, np.integer) else 0.0
     return max(sigma, quantum)

@@ -17,7 +17,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline import commit, masks
+from pipeline.decode import read_and_decode
 from pipeline.evaluate import (
+    CONTRAST_EDGES,
     agnostic_mask_ap,
     ap50_of,
     coco_ap,
@@ -30,6 +32,7 @@ from pipeline.evaluate import (
     labelled_images,
     match_masks,
     misses,
+    object_contrast,
     per_image_evaluation,
     sweep,
     touching_objects,
@@ -40,8 +43,11 @@ from tests.conftest import REPO
 from tests.helpers import run_job
 
 
-def write_run_from_ground_truth(archive, dest, drop_every: int | None = None, score_threshold: float = 0.0):
-    """A run whose instances are the COCO ground truth of ``archive`` (score 1), one shard."""
+def write_run_from_ground_truth(
+    archive, dest, drop_every: int | None = None, score_threshold: float = 0.0, keep=None
+):
+    """A run whose instances are the COCO ground truth of ``archive`` (score 1), one shard; ``keep``:
+    a predicate on the COCO annotation (default: all, or every ``drop_every``-th)."""
     coco = json.loads((archive / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}
     image_rows, columns = [], {f.name: [] for f in instances_schema()}
@@ -50,6 +56,8 @@ def write_run_from_ground_truth(archive, dest, drop_every: int | None = None, sc
         anns = [a for a in coco["annotations"] if a["image_id"] == info["id"]]
         if drop_every:
             anns = anns[::drop_every]
+        if keep:
+            anns = [a for a in anns if keep(a)]
         for k, ann in enumerate(anns):
             x, y, w, h = ann["bbox"]
             values = dict(
@@ -426,6 +434,57 @@ def test_misses_split_recall_by_size_and_contact_and_name_the_false_instances(ar
     assert half["recall"] == pytest.approx(kept / len(coco["annotations"]))
 
 
+def _disk(center: tuple[int, int], radius: float, size: int = 96) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
+
+
+def _rles(*object_masks: np.ndarray) -> list[dict]:
+    return [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in object_masks]
+
+
+def test_object_contrast_is_the_step_over_its_surroundings_in_units_of_pixel_noise():
+    rng = np.random.default_rng(3)
+    bright, faint = _disk((24, 24), 8), _disk((24, 70), 8)
+    # A nucleus walled in by a ring-shaped neighbour has no background ring of its own.
+    walled = _disk((70, 48), 6)
+    wall = _disk((70, 48), 18) & ~walled
+    signal = 100 + 50.0 * bright + 5.0 * faint + 30.0 * wall
+    image = np.clip(signal + rng.normal(0, 5.0, signal.shape), 0, None).astype(np.uint16)
+    contrast = object_contrast(image, _rles(bright, faint, walled, wall))
+    assert contrast[0] == pytest.approx(10.0, rel=0.15)
+    assert contrast[1] == pytest.approx(1.0, abs=0.25)
+    assert np.isnan(contrast[2])
+    assert contrast[3] == pytest.approx(6.0, rel=0.15)
+    assert object_contrast(image, []).shape == (0,)
+
+
+def test_misses_split_recall_by_contrast_in_fixed_bands(archive, tmp_path):
+    """A run that keeps only the objects above the median contrast: each band's recall is the share
+    of its objects above it, with the bands fixed whatever the archive."""
+    coco = COCO(str(archive / "annotations.json"))
+    contrast = {}
+    for image in coco.dataset["images"]:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        raw = read_and_decode(str(archive / image["file_name"]), max_pixels=10**6)
+        values = raw.pixels.max(axis=2)
+        for ann, value in zip(anns, object_contrast(values, [a["segmentation"] for a in anns]), strict=True):
+            contrast[ann["id"]] = value
+    median = float(np.nanmedian(list(contrast.values())))
+    write_run_from_ground_truth(archive, tmp_path / "bright", keep=lambda a: contrast[a["id"]] >= median)
+    table = misses(str(tmp_path / "bright"), str(archive / "annotations.json"))["recall_by_contrast"]
+    values = pd.Series(contrast)
+    band = pd.cut(values, [-np.inf, *CONTRAST_EDGES, np.inf], right=False, labels=False)
+    expected = (values >= median).groupby(band).mean()
+    banded = table[~table["contrast_to_noise"].isin(["unmeasured", "all"])]
+    assert len(banded) >= 3 and banded["recall"].tolist() == pytest.approx(expected.tolist())
+    assert banded["objects"].tolist() == band.value_counts().sort_index().tolist()
+    walled_in = table.loc[table["contrast_to_noise"] == "unmeasured", "objects"].sum()
+    assert walled_in == values.isna().sum()
+    assert table["contrast_to_noise"].iloc[-1] == "all" and table["objects"].iloc[-1] == len(contrast)
+    assert 0 < table["recall"].iloc[-1] < 1
+
+
 def test_size_bands_of_narrowly_spread_objects_keep_distinct_names():
     from pipeline.evaluate import _recall_by_size
 
@@ -453,6 +512,8 @@ def test_misses_job_prints_json_and_refuses_scores_the_run_never_kept(archive, t
     assert evaluate_job.main([*base, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["recall"][-1]["recall"] == 1.0 and len(report["false_instances"]) == 3
+    assert report["recall_by_contrast"][-1]["contrast_to_noise"] == "all"
+    assert report["recall_by_contrast"][-1]["recall"] == 1.0
     assert evaluate_job.main([*base, "--score-threshold", "0.3"]) == 2
     assert "--score-threshold 0.3 or lower" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:

@@ -142,6 +142,18 @@ def test_noise_sigma_reads_the_noise_not_the_objects():
     assert noise_sigma(flat) == 1.0  # one grey level at least for integers
 
 
+def test_noise_sigma_of_a_region_ignores_the_rest_of_the_image():
+    """``where``: only pairs inside it count, so texture covering most of an image does not leak in."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(100, 4.0, (128, 128))
+    image[:, 40:] += rng.normal(0, 60.0, (128, 88))  # a textured object over two thirds of the image
+    background = np.zeros((128, 128), bool)
+    background[:, :40] = True
+    assert noise_sigma(image) > 20
+    assert noise_sigma(image, where=background) == pytest.approx(4.0, rel=0.1)
+    assert noise_sigma(image.astype(np.uint16), where=np.zeros((128, 128), bool)) == 1.0
+
+
 def test_training_and_inference_prepare_images_with_the_same_function(archive, random_model_path):
     """The bytes a replica prepares and the bytes training prepares are the same array."""
     coco = CocoTiles(archive, archive / "annotations.json", DEFAULT)
