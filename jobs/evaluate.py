@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--misses",
         action="store_true",
-        help="where the errors are: recall per object size and per contrast-to-noise ratio, isolated "
-        "against touching, and the kinds of false instances",
+        help="where the errors are: recall per object size, per contrast-to-noise ratio and per "
+        "contrast relative to the image's other objects, isolated against touching, and the kinds of "
+        "false instances",
     )
     parser.add_argument(
         "--score-threshold",
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(tables["recall"].to_string(index=False))
                     print()
                     print(tables["recall_by_contrast"].to_string(index=False))
+                    print()
+                    print(tables["recall_by_relative_contrast"].to_string(index=False))
                     print()
                     print(tables["false_instances"].to_string(index=False))
             return 0

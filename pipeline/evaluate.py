@@ -24,7 +24,8 @@
 * Sweep: per score threshold, instance count and precision / recall at mask
   IoU 0.5 (greedy one-to-one matching by score).
 * Misses: recall at mask IoU 0.5 per object size band and per band of the
-  objects' contrast-to-noise ratio measured on the image, isolated against
+  objects' contrast-to-noise ratio measured on the image (and of that
+  contrast over the median of the image's objects), isolated against
   touching objects, and what the false instances are (duplicates, near misses,
   background): where a model's errors are, not only how many.
 
@@ -69,6 +70,9 @@ it that belong to no object (the first pixel outside is left to the soft edge)."
 CONTRAST_EDGES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 """Band edges of the recall-by-contrast report: fixed, so that two archives or two models compare
 band by band."""
+RELATIVE_CONTRAST_EDGES = (0.125, 0.25, 0.5, 1.0, 2.0)
+"""Band edges of the recall-by-relative-contrast report: an object's contrast over the median of its
+image's objects."""
 CONTRAST_MAX_PIXELS = 10**8
 """Images (and slides' level 0) up to this many pixels are read whole for their objects' contrast."""
 NEAR_MISS_IOU = 0.1
@@ -681,7 +685,10 @@ def misses(
         ``recall_by_contrast``: the same per band of :func:`object_contrast` (``contrast_to_noise``,
         fixed bands :data:`CONTRAST_EDGES`; measured on the channel the run's model saw: its
         ``--channel``, else the maximum over channels), objects walled in by others or whose
-        image could not be read whole in a band ``unmeasured``;
+        image could not be read whole in a band ``unmeasured``; ``recall_by_relative_contrast``:
+        the same per band of each object's contrast over the median of its image's objects
+        (``contrast_relative_to_median``, fixed bands :data:`RELATIVE_CONTRAST_EDGES`: a dim
+        nucleus among bright ones);
         ``false_instances``: the unmatched instances by kind, ``duplicate`` (IoU >= 0.5 with an
         object a higher-scoring instance took), ``near miss`` (best IoU :data:`NEAR_MISS_IOU`
         to 0.5), ``background``, with their count and share of all instances.
@@ -700,11 +707,13 @@ def misses(
         match, best = match_masks(ranked[gt_id][1], truth)
         found = np.zeros(len(truth), bool)
         found[match[match >= 0]] = True
+        contrast = _contrast_in_image(uris[gt_id], channel, truth)
         objects.append(
             pd.DataFrame(
                 {
                     "diameter": equivalent_diameters(truth),
-                    "contrast": _contrast_in_image(uris[gt_id], channel, truth),
+                    "contrast": contrast,
+                    "relative_contrast": _relative_to_median(contrast),
                     "touching": touching_objects(truth),
                     "found": found,
                 }
@@ -725,7 +734,12 @@ def misses(
     false_instances["share"] = false_instances["instances"] / max(len(instances), 1)
     return {
         "recall": _recall_by_size(objects, bands),
-        "recall_by_contrast": _recall_by_contrast(objects),
+        "recall_by_contrast": _recall_by_fixed_bands(
+            objects, "contrast", CONTRAST_EDGES, "contrast_to_noise"
+        ),
+        "recall_by_relative_contrast": _recall_by_fixed_bands(
+            objects, "relative_contrast", RELATIVE_CONTRAST_EDGES, "contrast_relative_to_median"
+        ),
         "false_instances": false_instances,
     }
 
@@ -789,6 +803,14 @@ def _contrast_in_image(uri: str, channel: str | int | None, truth: list[dict]) -
     return object_contrast(values.max(axis=2) if values.ndim == 3 else values, truth)
 
 
+def _relative_to_median(contrast: np.ndarray) -> np.ndarray:
+    """Each object's contrast over the median contrast of its image's objects (NaN where that median is
+    not positive): how dim a nucleus is beside the others of its image."""
+    finite = contrast[np.isfinite(contrast)]
+    median = float(np.median(finite)) if len(finite) else np.nan
+    return contrast / median if median > 0 else np.full(len(contrast), np.nan)
+
+
 def _recall_by_size(objects: pd.DataFrame, bands: int) -> pd.DataFrame:
     """:func:`_recall_table` per diameter band (``bands`` quantile edges of the objects' diameters)."""
     if objects.empty:
@@ -799,14 +821,17 @@ def _recall_by_size(objects: pd.DataFrame, bands: int) -> pd.DataFrame:
     return _recall_table(objects, band, _band_names(edges), "diameter_px")
 
 
-def _recall_by_contrast(objects: pd.DataFrame) -> pd.DataFrame:
-    """:func:`_recall_table` per contrast-to-noise band (:data:`CONTRAST_EDGES`), then ``unmeasured``."""
-    edges = [f"{edge:g}" for edge in CONTRAST_EDGES]
-    inner = [f"{low}-{high}" for low, high in itertools.pairwise(edges)]
-    names = [f"under {edges[0]}", *inner, f"{edges[-1]} and over"]
-    band = np.searchsorted(CONTRAST_EDGES, objects["contrast"].to_numpy(), side="right")
-    band = np.where(objects["contrast"].notna(), band, len(names))
-    return _recall_table(objects, band, [*names, "unmeasured"], "contrast_to_noise")
+def _recall_by_fixed_bands(
+    objects: pd.DataFrame, column: str, edges: tuple[float, ...], name: str
+) -> pd.DataFrame:
+    """:func:`_recall_table` per band of ``column`` between fixed ``edges`` ("under 1", "1-2", ...,
+    "128 and over"), then the objects without a value (``unmeasured``)."""
+    text = [f"{edge:g}" for edge in edges]
+    inner = [f"{low}-{high}" for low, high in itertools.pairwise(text)]
+    names = [f"under {text[0]}", *inner, f"{text[-1]} and over"]
+    band = np.searchsorted(edges, objects[column].to_numpy(), side="right")
+    band = np.where(objects[column].notna(), band, len(names))
+    return _recall_table(objects, band, [*names, "unmeasured"], name)
 
 
 def _recall_table(objects: pd.DataFrame, band: np.ndarray, names: list[str], column: str) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from pipeline import commit, masks
 from pipeline.decode import read_and_decode
 from pipeline.evaluate import (
     CONTRAST_EDGES,
+    RELATIVE_CONTRAST_EDGES,
     agnostic_mask_ap,
     ap50_of,
     coco_ap,
@@ -463,16 +464,18 @@ def test_misses_split_recall_by_contrast_in_fixed_bands(archive, tmp_path):
     """A run that keeps only the objects above the median contrast: each band's recall is the share
     of its objects above it, with the bands fixed whatever the archive."""
     coco = COCO(str(archive / "annotations.json"))
-    contrast = {}
+    contrast, relative = {}, {}
     for image in coco.dataset["images"]:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
         raw = read_and_decode(str(archive / image["file_name"]), max_pixels=10**6)
-        values = raw.pixels.max(axis=2)
-        for ann, value in zip(anns, object_contrast(values, [a["segmentation"] for a in anns]), strict=True):
+        values = object_contrast(raw.pixels.max(axis=2), [a["segmentation"] for a in anns])
+        for ann, value in zip(anns, values, strict=True):
             contrast[ann["id"]] = value
+            relative[ann["id"]] = value / np.nanmedian(values)
     median = float(np.nanmedian(list(contrast.values())))
     write_run_from_ground_truth(archive, tmp_path / "bright", keep=lambda a: contrast[a["id"]] >= median)
-    table = misses(str(tmp_path / "bright"), str(archive / "annotations.json"))["recall_by_contrast"]
+    tables = misses(str(tmp_path / "bright"), str(archive / "annotations.json"))
+    table = tables["recall_by_contrast"]
     values = pd.Series(contrast)
     band = pd.cut(values, [-np.inf, *CONTRAST_EDGES, np.inf], right=False, labels=False)
     expected = (values >= median).groupby(band).mean()
@@ -483,6 +486,22 @@ def test_misses_split_recall_by_contrast_in_fixed_bands(archive, tmp_path):
     assert walled_in == values.isna().sum()
     assert table["contrast_to_noise"].iloc[-1] == "all" and table["objects"].iloc[-1] == len(contrast)
     assert 0 < table["recall"].iloc[-1] < 1
+    # The same objects by their contrast over the median of their image's objects.
+    by_relative = tables["recall_by_relative_contrast"]
+    ratios = pd.Series(relative)
+    band = pd.cut(ratios, [-np.inf, *RELATIVE_CONTRAST_EDGES, np.inf], right=False, labels=False)
+    banded = by_relative[~by_relative["contrast_relative_to_median"].isin(["unmeasured", "all"])]
+    assert len(banded) >= 3 and banded["objects"].tolist() == band.value_counts().sort_index().tolist()
+    assert banded["recall"].tolist() == pytest.approx((values >= median).groupby(band).mean().tolist())
+
+
+def test_relative_contrast_is_over_the_median_of_the_image_and_undefined_without_one():
+    from pipeline.evaluate import _relative_to_median
+
+    assert _relative_to_median(np.array([2.0, 4.0, np.nan, 8.0])).tolist()[::3] == [0.5, 2.0]
+    assert np.isnan(_relative_to_median(np.array([np.nan, np.nan]))).all()
+    assert np.isnan(_relative_to_median(np.array([-1.0, 0.0, 0.5]))).all()
+    assert _relative_to_median(np.zeros(0)).shape == (0,)
 
 
 def test_size_bands_of_narrowly_spread_objects_keep_distinct_names():
