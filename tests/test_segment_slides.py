@@ -287,9 +287,14 @@ def test_a_slide_run_is_scored_against_truth_in_slide_coordinates(ray_local, sea
     swept = sweep(str(dest), str(tmp_path / "truth.json"), [kept, 1.01]).set_index("score_threshold")
     assert swept.loc[kept, "recall"] > 0.9 and swept.loc[kept, "precision"] > 0.9
     assert swept.loc[1.01, "instances"] == 0 and swept.loc[1.01, "ground_truth"] == len(DISCS)
-    recall = misses(str(dest), str(tmp_path / "truth.json"), score_threshold=kept)["recall"]
-    recall = recall.set_index("diameter_px")
+    tables = misses(str(dest), str(tmp_path / "truth.json"), score_threshold=kept)
+    recall = tables["recall"].set_index("diameter_px")
     assert recall.loc["all", "recall"] == pytest.approx(swept.loc[kept, "recall"])
+    # Contrast is read on the slide's level 0: the painted nuclei (110-190 grey levels over glass
+    # with noise sigma 2) all stand more than 32 sigmas out.
+    by_contrast = tables["recall_by_contrast"].set_index("contrast_to_noise")
+    assert set(by_contrast.index) <= {"32-64", "64-128", "128 and over", "all"}
+    assert by_contrast.loc["all", "objects"] == len(DISCS)
 
 
 def test_render_draws_a_density_heatmap_and_a_full_resolution_region(local_slide_run, slide_folder, tmp_path):
