@@ -684,7 +684,7 @@ def misses(
         and recall of the isolated ones, of those touching or overlapping another, of all;
         ``recall_by_contrast``: the same per band of :func:`object_contrast` (``contrast_to_noise``,
         fixed bands :data:`CONTRAST_EDGES`; measured on the channel the run's model saw: its
-        ``--channel``, else the maximum over channels), objects walled in by others or whose
+        ``--channel``, else its card's), objects walled in by others or whose
         image could not be read whole in a band ``unmeasured``; ``recall_by_relative_contrast``:
         the same per band of each object's contrast over the median of its image's objects
         (``contrast_relative_to_median``, fixed bands :data:`RELATIVE_CONTRAST_EDGES`: a dim
@@ -700,7 +700,7 @@ def misses(
     coco, instances = matched.coco, matched.instances
     ranked = _ranked_detections(detections_from_instances(instances, coco), matched.images["gt_id"])
     uris = dict(zip(matched.images["gt_id"], matched.images["uri"], strict=True))
-    channel = commit.read_json(storage.join(dest, "run.json"))["settings"].get("channel")
+    channel = _channel_the_model_saw(commit.read_json(storage.join(dest, "run.json")))
     objects, kinds = [], []
     for gt_id in sorted(ranked):
         truth = _object_masks(coco, gt_id)
@@ -749,8 +749,9 @@ def object_contrast(values: np.ndarray, truth: list[dict]) -> np.ndarray:
 
     (mean of the object's pixels - median of its background ring, :data:`CONTRAST_RING_PX`) / the
     image's pixel noise (:func:`pipeline.preprocess.noise_sigma` over the pixels more than
-    ``CONTRAST_RING_PX[0]`` px from every object). About 1: an object as bright above its
-    surroundings as one pixel's noise; blur that spills light into the ring lowers it.
+    ``CONTRAST_RING_PX[0]`` px from every object; for integer types at least one grey level, so
+    on clean 8-bit images it reads low). About 1: an object as bright above its surroundings as
+    one pixel's noise; blur that spills light into the ring lowers it.
 
     Args:
         values: (H, W) raw intensities, any numeric type.
@@ -789,9 +790,17 @@ def _dilated(mask: np.ndarray, radius: int) -> np.ndarray:
     return cv2.dilate(mask, np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)).astype(bool)
 
 
-def _contrast_in_image(uri: str, channel: str | int | None, truth: list[dict]) -> np.ndarray:
-    """:func:`object_contrast` of an image's objects on the channel the model saw (``channel``, else
-    the maximum over channels); NaN for each if the image cannot be read whole (a slide larger than
+def _channel_the_model_saw(run: dict) -> str | int:
+    """The run's ``--channel``, else its model card's channel, else ``"max"`` (from ``run.json``)."""
+    channel = run["settings"].get("channel")
+    if channel is None:
+        channel = run.get("model", {}).get("card", {}).get("preprocessing", {}).get("channel")
+    return "max" if channel is None else channel
+
+
+def _contrast_in_image(uri: str, channel: str | int, truth: list[dict]) -> np.ndarray:
+    """:func:`object_contrast` of an image's objects on ``channel`` (three channels, as ``"rgb"``
+    gives: their maximum); NaN for each if the image cannot be read whole (a slide larger than
     :data:`CONTRAST_MAX_PIXELS`)."""
     try:
         raw = _whole_image(uri, CONTRAST_MAX_PIXELS)
@@ -799,7 +808,7 @@ def _contrast_in_image(uri: str, channel: str | int | None, truth: list[dict]) -
         raw = None
     if not isinstance(raw, RawImage):
         return np.full(len(truth), np.nan)
-    values = preprocess.select_channels(raw.pixels, "max" if channel is None else channel, raw.channel_names)
+    values = preprocess.select_channels(raw.pixels, channel, raw.channel_names)
     return object_contrast(values.max(axis=2) if values.ndim == 3 else values, truth)
 
 

@@ -504,6 +504,15 @@ def test_relative_contrast_is_over_the_median_of_the_image_and_undefined_without
     assert _relative_to_median(np.zeros(0)).shape == (0,)
 
 
+def test_contrast_is_read_on_the_channel_the_runs_model_saw():
+    from pipeline.evaluate import _channel_the_model_saw
+
+    card = {"card": {"preprocessing": {"channel": "rgb"}}}
+    assert _channel_the_model_saw({"settings": {"channel": 0}, "model": card}) == 0  # --channel 0
+    assert _channel_the_model_saw({"settings": {"channel": None}, "model": card}) == "rgb"
+    assert _channel_the_model_saw({"settings": {}, "model": {"card": {"classes": ["nucleus"]}}}) == "max"
+
+
 def test_size_bands_of_narrowly_spread_objects_keep_distinct_names():
     from pipeline.evaluate import _recall_by_size
 
