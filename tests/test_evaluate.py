@@ -495,6 +495,17 @@ def test_misses_split_recall_by_contrast_in_fixed_bands(archive, tmp_path):
     assert banded["recall"].tolist() == pytest.approx((values >= median).groupby(band).mean().tolist())
 
 
+def test_objects_of_an_image_that_is_gone_are_unmeasured_not_an_error(archive, tmp_path):
+    copy = tmp_path / "archive"
+    shutil.copytree(archive, copy)
+    coco = write_run_from_ground_truth(copy, tmp_path / "run")
+    gone = coco["images"][0]
+    (copy / gone["file_name"]).unlink()
+    table = misses(str(tmp_path / "run"), str(copy / "annotations.json"))["recall_by_contrast"]
+    unmeasured = table.set_index("contrast_to_noise").loc["unmeasured", "objects"]
+    assert unmeasured == sum(a["image_id"] == gone["id"] for a in coco["annotations"]) > 0
+
+
 def test_relative_contrast_is_over_the_median_of_the_image_and_undefined_without_one():
     from pipeline.evaluate import _relative_to_median
 
