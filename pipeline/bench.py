@@ -478,8 +478,11 @@ def bench_robustness(
     ``enlarged`` (the fraction of images the model saw enlarged), ``instances``, ``truth``
     (ground-truth instances), ``AP50``, ``AP50_se`` (its bootstrap standard error over images,
     :func:`pipeline.evaluate.ap50_standard_error`), ``AP`` (mask), ``F1`` (mask IoU 0.5, one-to-one),
-    ``count_mae``, ``count_bias``, ``baseline_AP50``, ``baseline_AP``, ``baseline_count_mae``
-    (the APs are None for an archive without a true instance).
+    ``count_mae``, ``count_bias``, ``faint_share``, ``recall_faint``, ``recall_rest`` (the share
+    of true nuclei under contrast-to-noise 2 and the recall of those and of the rest,
+    :func:`pipeline.evaluate.faint_recall`), ``baseline_AP50``, ``baseline_AP``,
+    ``baseline_count_mae`` (the APs and faint figures are None for an archive without a true
+    instance).
     """
     import ray
 
@@ -509,6 +512,7 @@ def bench_robustness(
         for name, folder in archives:
             coco = _truth_under(source / folder, root / f"truth-{folder}.json")
             scores, _ = evaluate.evaluate(str(dest), str(coco))
+            faint = evaluate.faint_recall(evaluate.outcomes(str(dest), str(coco)).objects)
             truth = len(json.loads(coco.read_text())["annotations"])
             scales = images.loc[images["uri"].str.startswith(f"{(source / folder).as_posix()}/"), "scale"]
             rows.append(
@@ -525,6 +529,7 @@ def bench_robustness(
                     "F1": _score_or_none(scores, "match.f1", truth),
                     "count_mae": round(scores["count.mae"], 2),
                     "count_bias": round(scores["count.bias"], 2),
+                    **{key: None if value is None else round(value, 3) for key, value in faint.items()},
                     "baseline_AP50": _score_or_none(scores, "baseline.segm.AP50", truth),
                     "baseline_AP": _score_or_none(scores, "baseline.segm.AP", truth),
                     "baseline_count_mae": round(scores["baseline.count.mae"], 2),

@@ -73,6 +73,9 @@ band by band."""
 RELATIVE_CONTRAST_EDGES = (0.125, 0.25, 0.5, 1.0, 2.0)
 """Band edges of the recall-by-relative-contrast report: an object's contrast over the median of its
 image's objects."""
+FAINT_CONTRAST = 2.0
+"""An object under this contrast-to-noise ratio is faint (:func:`faint_recall`): it stands less than
+two pixels' noise out of its surroundings."""
 CONTRAST_MAX_PIXELS = 10**8
 """Images (and slides' level 0) up to this many pixels are read whole for their objects' contrast."""
 NEAR_MISS_IOU = 0.1
@@ -670,28 +673,28 @@ def touching_objects(truth: list[dict]) -> np.ndarray:
     return touching
 
 
-def misses(
-    dest: str, annotations: str, *, score_threshold: float | None = None, bands: int = 5
-) -> dict[str, pd.DataFrame]:
-    """Where a run's errors are, at mask IoU :data:`MATCH_IOU` (greedy matching by score).
+@dataclass
+class Outcomes:
+    """What became of each labelled object and each stored instance of a run, at mask IoU 0.5.
+
+    ``objects``: one row per labelled object: ``diameter`` (px), ``contrast`` (:func:`object_contrast`,
+    NaN where unmeasured), ``relative_contrast`` (over the median of its image's objects),
+    ``touching`` (bool), ``found`` (bool); ``false_kinds``: per unmatched instance ``duplicate``,
+    ``near miss`` or ``background``; ``instances``: the instances kept.
+    """
+
+    objects: pd.DataFrame
+    false_kinds: list[str]
+    instances: int
+
+
+def outcomes(dest: str, annotations: str, *, score_threshold: float | None = None) -> Outcomes:
+    """Match a run's instances to its objects (greedy by score, mask IoU :data:`MATCH_IOU`) and
+    measure each object (size, contrast on the channel the run's model saw: its ``--channel``,
+    else its card's; objects walled in by others, or whose image cannot be read whole, NaN).
 
     Args:
         score_threshold: instances kept (default: every instance the run stored).
-        bands: object size bands, quantiles of the objects' equivalent diameters.
-
-    Returns:
-        ``recall``: per size band (``diameter_px``, "8-10" px, and a last row ``all``): objects
-        and recall of the isolated ones, of those touching or overlapping another, of all;
-        ``recall_by_contrast``: the same per band of :func:`object_contrast` (``contrast_to_noise``,
-        fixed bands :data:`CONTRAST_EDGES`; measured on the channel the run's model saw: its
-        ``--channel``, else its card's), objects walled in by others or whose
-        image could not be read whole in a band ``unmeasured``; ``recall_by_relative_contrast``:
-        the same per band of each object's contrast over the median of its image's objects
-        (``contrast_relative_to_median``, fixed bands :data:`RELATIVE_CONTRAST_EDGES`: a dim
-        nucleus among bright ones);
-        ``false_instances``: the unmatched instances by kind, ``duplicate`` (IoU >= 0.5 with an
-        object a higher-scoring instance took), ``near miss`` (best IoU :data:`NEAR_MISS_IOU`
-        to 0.5), ``background``, with their count and share of all instances.
 
     Raises:
         ValueError: ``score_threshold`` below the run's own (those were never stored).
@@ -723,15 +726,60 @@ def misses(
         kinds += np.select(
             [unmatched >= MATCH_IOU, unmatched >= NEAR_MISS_IOU], ["duplicate", "near miss"], "background"
         ).tolist()
-    objects = pd.concat(objects, ignore_index=True)
+    return Outcomes(pd.concat(objects, ignore_index=True), kinds, len(instances))
+
+
+def faint_recall(objects: pd.DataFrame, below: float = FAINT_CONTRAST) -> dict[str, float | None]:
+    """How many of :attr:`Outcomes.objects` are faint (contrast under ``below``) and the recall of
+    those and of the rest: ``faint_share`` (of the measured objects), ``recall_faint``,
+    ``recall_rest`` (None where there is no such object)."""
+    measured = objects[objects["contrast"].notna()]
+    faint = measured["contrast"] < below
+
+    def recall(part: pd.DataFrame) -> float | None:
+        return float(part["found"].mean()) if len(part) else None
+
+    return {
+        "faint_share": float(faint.mean()) if len(measured) else None,
+        "recall_faint": recall(measured[faint]),
+        "recall_rest": recall(measured[~faint]),
+    }
+
+
+def misses(
+    dest: str, annotations: str, *, score_threshold: float | None = None, bands: int = 5
+) -> dict[str, pd.DataFrame]:
+    """Where a run's errors are (:func:`outcomes`), as tables.
+
+    Args:
+        score_threshold: instances kept (default: every instance the run stored).
+        bands: object size bands, quantiles of the objects' equivalent diameters.
+
+    Returns:
+        ``recall``: per size band (``diameter_px``, "8-10" px, and a last row ``all``): objects
+        and recall of the isolated ones, of those touching or overlapping another, of all;
+        ``recall_by_contrast``: the same per band of :func:`object_contrast` (``contrast_to_noise``,
+        fixed bands :data:`CONTRAST_EDGES`), objects without a contrast in a band ``unmeasured``;
+        ``recall_by_relative_contrast``: the same per band of each object's contrast over the
+        median of its image's objects (``contrast_relative_to_median``, fixed bands
+        :data:`RELATIVE_CONTRAST_EDGES`: a dim nucleus among bright ones);
+        ``false_instances``: the unmatched instances by kind, ``duplicate`` (IoU >= 0.5 with an
+        object a higher-scoring instance took), ``near miss`` (best IoU :data:`NEAR_MISS_IOU`
+        to 0.5), ``background``, with their count and share of all instances.
+
+    Raises:
+        ValueError: ``score_threshold`` below the run's own (those were never stored).
+    """
+    outcome = outcomes(dest, annotations, score_threshold=score_threshold)
+    objects = outcome.objects
     false_instances = (
-        pd.Series(kinds, dtype="object")
+        pd.Series(outcome.false_kinds, dtype="object")
         .value_counts()
         .reindex(["duplicate", "near miss", "background"], fill_value=0)
         .rename_axis("kind")
         .reset_index(name="instances")
     )
-    false_instances["share"] = false_instances["instances"] / max(len(instances), 1)
+    false_instances["share"] = false_instances["instances"] / max(outcome.instances, 1)
     return {
         "recall": _recall_by_size(objects, bands),
         "recall_by_contrast": _recall_by_fixed_bands(

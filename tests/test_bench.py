@@ -86,20 +86,26 @@ def test_robustness_benchmark_scores_every_shift_and_a_real_folder(random_model_
             # Nothing to find: no AP, and every instance counted is a false one.
             assert row["truth"] == 0 and row["AP50"] is None and row["F1"] is None
             assert row["baseline_AP50"] is None and row["AP50_se"] is None
+            assert row["faint_share"] is None and row["recall_faint"] is None and row["recall_rest"] is None
             assert row["count_mae"] == pytest.approx(row["instances"] / row["images"], abs=0.005)
         else:
             assert 0 <= row["AP50"] <= 1 and 0 <= row["F1"] <= 1 and 0 <= row["AP50_se"] <= 0.5
     # Each real folder is scored against its own labels: three discs, then two, each image alone.
     assert [(r["truth"], r["images"]) for r in rows[-2:]] == [(3, 1), (2, 1)]
     # Well-separated bright discs: the threshold baseline finds them exactly.
+    # and none is faint (200 grey levels over a noise-free background).
     for row in rows[-2:]:
         assert row["baseline_AP50"] == 1.0 and row["baseline_count_mae"] == 0
+        assert row["faint_share"] == 0 and row["recall_faint"] is None and 0 <= row["recall_rest"] <= 1
     # --keep: the run and each archive's truth stay, and score as the table did.
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import evaluate, faint_recall, outcomes
 
     noisy = next(row for row in rows if row["archive"] == "noisy")
     scores, _ = evaluate(str(tmp_path / "kept" / "run"), str(tmp_path / "kept" / "truth-noisy.json"))
     assert round(scores["agnostic.segm.AP50"], 3) == noisy["AP50"] and scores["images"] == noisy["images"]
+    kept = outcomes(str(tmp_path / "kept" / "run"), str(tmp_path / "kept" / "truth-noisy.json"))
+    faint = faint_recall(kept.objects)
+    assert round(faint["faint_share"], 3) == noisy["faint_share"] and 0 < noisy["faint_share"] < 1
     for taken in (tmp_path / "kept", tmp_path / "kept" / "run" / "run.json"):
         refused = bench("robustness", "--keep", str(taken), timeout=60)
         assert refused.returncode == 2 and "not an empty folder" in refused.stderr

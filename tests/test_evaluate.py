@@ -506,6 +506,17 @@ def test_objects_of_an_image_that_is_gone_are_unmeasured_not_an_error(archive, t
     assert unmeasured == sum(a["image_id"] == gone["id"] for a in coco["annotations"]) > 0
 
 
+def test_faint_recall_splits_the_measured_objects_at_a_contrast():
+    from pipeline.evaluate import faint_recall
+
+    objects = pd.DataFrame(
+        {"contrast": [0.5, 1.5, 2.0, 9.0, np.nan], "found": [False, True, True, True, False]}
+    )
+    assert faint_recall(objects) == {"faint_share": 0.5, "recall_faint": 0.5, "recall_rest": 1.0}
+    assert faint_recall(objects, below=10)["recall_rest"] is None
+    assert faint_recall(objects.iloc[4:])["faint_share"] is None
+
+
 def test_relative_contrast_is_over_the_median_of_the_image_and_undefined_without_one():
     from pipeline.evaluate import _relative_to_median
 
