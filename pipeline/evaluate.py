@@ -655,22 +655,29 @@ def touching_objects(truth: list[dict]) -> np.ndarray:
     """Per object (COCO RLEs of one image): does it overlap another or lie within 1 px (8-neighbours)?"""
     if len(truth) < 2:
         return np.zeros(len(truth), bool)
+    crops, cover = _object_crops(truth, pad=1)
+    touching = np.zeros(len(truth), bool)
+    for k, (mask, x0, y0) in enumerate(crops):
+        h, w = mask.shape
+        others = cover[y0 : y0 + h, x0 : x0 + w] > mask
+        touching[k] = bool((_dilated(mask, 1) & others).any())
+    return touching
+
+
+def _object_crops(truth: list[dict], pad: int) -> tuple[list[tuple[np.ndarray, int, int]], np.ndarray]:
+    """Each object (COCO RLEs of one image) decoded in its box grown by ``pad`` px (clipped to the
+    image): ``(mask uint8, x0, y0)``; and how many objects cover each pixel (uint16, H x W)."""
     height, width = truth[0]["size"]
     cover = np.zeros((height, width), np.uint16)
     crops = []
     for rle in truth:
         x, y, w, h = mask_utils.toBbox(rle)
-        x0, y0 = max(int(x) - 1, 0), max(int(y) - 1, 0)
-        x1, y1 = min(int(np.ceil(x + w)) + 1, width), min(int(np.ceil(y + h)) + 1, height)
+        x0, y0 = max(int(x) - pad, 0), max(int(y) - pad, 0)
+        x1, y1 = min(int(np.ceil(x + w)) + pad, width), min(int(np.ceil(y + h)) + pad, height)
         mask = decode_box(rle, x0, y0, x1, y1)
         cover[y0:y1, x0:x1] += mask
         crops.append((mask, x0, y0))
-    touching = np.zeros(len(truth), bool)
-    for k, (mask, x0, y0) in enumerate(crops):
-        h, w = mask.shape
-        others = cover[y0 : y0 + h, x0 : x0 + w] > mask
-        touching[k] = bool((cv2.dilate(mask, np.ones((3, 3), np.uint8)).astype(bool) & others).any())
-    return touching
+    return crops, cover
 
 
 @dataclass
@@ -810,17 +817,9 @@ def object_contrast(values: np.ndarray, truth: list[dict]) -> np.ndarray:
     """
     if not truth:
         return np.zeros(0)
-    height, width = values.shape
     inner, outer = CONTRAST_RING_PX
-    cover = np.zeros((height, width), bool)
-    crops = []
-    for rle in truth:
-        x, y, w, h = mask_utils.toBbox(rle)
-        x0, y0 = max(int(x) - outer, 0), max(int(y) - outer, 0)
-        x1, y1 = min(int(np.ceil(x + w)) + outer, width), min(int(np.ceil(y + h)) + outer, height)
-        mask = decode_box(rle, x0, y0, x1, y1)
-        cover[y0:y1, x0:x1] |= mask.astype(bool)
-        crops.append((mask, x0, y0))
+    crops, count = _object_crops(truth, pad=outer)
+    cover = count > 0
     noise = preprocess.noise_sigma(values, where=~_dilated(cover.view(np.uint8), inner))
     intensity = values.astype(np.float64)
     contrast = np.full(len(truth), np.nan)
