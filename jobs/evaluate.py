@@ -1,6 +1,7 @@
 """Score a run against COCO ground truth: COCOeval, F1 at mask IoU 0.5, counts, the Otsu baseline.
 
 python -m jobs.evaluate DEST --annotations coco.json [--json]
+python -m jobs.evaluate DEST --labels MASKS_FOLDER [--label-suffix _labels] [--json]   # label images as truth
 python -m jobs.evaluate DEST --annotations coco.json --sweep 0.3:0.9:0.1 [--plot sweep.png]
 python -m jobs.evaluate DEST --annotations coco.json --misses [--score-threshold 0.5] [--json]
 python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--score-threshold 0.5]
@@ -10,13 +11,15 @@ python -m jobs.evaluate DEST --annotations coco.json --compare OTHER_DEST [--sco
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from jobs._cli import ArgumentParser, fail_usage, run_main
 from pipeline import storage
-from pipeline.evaluate import compare_ap50, evaluate, misses, plot_sweep, sweep
+from pipeline.evaluate import compare_ap50, evaluate, label_images_for_run, misses, plot_sweep, sweep
 
 
 def value_table(values: dict[str, float | int], *, digits: int) -> str:
@@ -41,7 +44,19 @@ def _thresholds(parser: ArgumentParser, text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="jobs.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("dest", help="run folder or URI")
-    parser.add_argument("--annotations", required=True, help="COCO instances JSON of the same images")
+    truth = parser.add_mutually_exclusive_group(required=True)
+    truth.add_argument("--annotations", help="COCO instances JSON of the same images")
+    truth.add_argument(
+        "--labels",
+        metavar="FOLDER",
+        help="instance label images (0 background, one id per object) under FOLDER at the images' "
+        "relative paths, e.g. StarDist's masks/ beside images/; images without one are not scored",
+    )
+    parser.add_argument(
+        "--label-suffix",
+        default="",
+        help="with --labels: the label image of NAME.ext is NAME<suffix>.* (default: the same name)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--sweep", metavar="START:STOP:STEP", help="score thresholds to sweep")
     parser.add_argument("--plot", help="with --sweep: write the sweep's PNG plot here")
@@ -80,49 +95,63 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--other-score-threshold needs --compare")
     if args.compare and (args.sweep or args.misses):
         parser.error("--compare is a report of its own; ask for it without --sweep or --misses")
+    if args.label_suffix and not args.labels:
+        parser.error("--label-suffix needs --labels")
     for run in filter(None, (args.dest, args.compare)):
         if not storage.exists(storage.join(run, "run.json")):
             return fail_usage(parser.prog, f"no run at {storage.redact(run)} (run.json not found)")
-    try:
-        if args.sweep:
-            table = sweep(args.dest, args.annotations, _thresholds(parser, args.sweep))
-            if args.plot:
-                plot_sweep(table, args.plot)
-            if args.json:
-                print(json.dumps({"sweep": table.to_dict(orient="records")}))
-            else:
-                print(table.to_string(index=False, float_format="{:.3f}".format))
-            return 0
-        if args.misses:
-            tables = misses(args.dest, args.annotations, score_threshold=args.score_threshold)
-            if args.json:
-                print(json.dumps({name: table.to_dict(orient="records") for name, table in tables.items()}))
-            else:
-                with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
-                    print(tables["recall"].to_string(index=False))
-                    print()
-                    print(tables["recall_by_contrast"].to_string(index=False))
-                    print()
-                    print(tables["recall_by_relative_contrast"].to_string(index=False))
-                    print()
-                    print(tables["false_instances"].to_string(index=False))
-            return 0
-        if args.compare:
-            compared = compare_ap50(
-                args.dest,
-                args.compare,
-                args.annotations,
-                score_threshold=args.score_threshold,
-                other_score_threshold=args.other_score_threshold,
-            )
-            if args.json:
-                print(json.dumps(compared))
-            else:
-                print(value_table(compared, digits=4))
-            return 0
-        scores, tables = evaluate(args.dest, args.annotations)
-    except (OSError, ValueError, KeyError) as exc:
-        return fail_usage(parser.prog, str(exc))
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            if args.labels:
+                args.annotations = str(Path(scratch) / "annotations.json")
+                coco = label_images_for_run(args.dest, args.labels, suffix=args.label_suffix)
+                Path(args.annotations).write_text(json.dumps(coco))
+            return _report(args, parser)
+        except BrokenPipeError:
+            raise  # the reader went away: run_main ends quietly
+        except (OSError, ValueError, KeyError) as exc:
+            return fail_usage(parser.prog, str(exc))
+
+
+def _report(args, parser: ArgumentParser) -> int:
+    """Print the report ``args`` ask for (``args.annotations``: a COCO file); 0."""
+    if args.sweep:
+        table = sweep(args.dest, args.annotations, _thresholds(parser, args.sweep))
+        if args.plot:
+            plot_sweep(table, args.plot)
+        if args.json:
+            print(json.dumps({"sweep": table.to_dict(orient="records")}))
+        else:
+            print(table.to_string(index=False, float_format="{:.3f}".format))
+        return 0
+    if args.misses:
+        tables = misses(args.dest, args.annotations, score_threshold=args.score_threshold)
+        if args.json:
+            print(json.dumps({name: table.to_dict(orient="records") for name, table in tables.items()}))
+        else:
+            with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
+                print(tables["recall"].to_string(index=False))
+                print()
+                print(tables["recall_by_contrast"].to_string(index=False))
+                print()
+                print(tables["recall_by_relative_contrast"].to_string(index=False))
+                print()
+                print(tables["false_instances"].to_string(index=False))
+        return 0
+    if args.compare:
+        compared = compare_ap50(
+            args.dest,
+            args.compare,
+            args.annotations,
+            score_threshold=args.score_threshold,
+            other_score_threshold=args.other_score_threshold,
+        )
+        if args.json:
+            print(json.dumps(compared))
+        else:
+            print(value_table(compared, digits=4))
+        return 0
+    scores, tables = evaluate(args.dest, args.annotations)
     if args.json:
         print(json.dumps({**scores, "counts": tables["counts"].to_dict(orient="records")}))
         return 0

@@ -29,6 +29,10 @@
   touching objects, and what the false instances are (duplicates, near misses,
   background): where a model's errors are, not only how many.
 
+* Label images: ground truth from instance label images (0 background, one id
+  per object), beside the images or in a folder of their own, each object
+  encoded in its own box.
+
 Ground-truth images are matched to the run's images by path relative to the
 run's source (COCO ``file_name``).
 """
@@ -41,7 +45,7 @@ import io
 import itertools
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -50,7 +54,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline import commit, masks, preprocess, storage
+from pipeline import commit, masks, plan, preprocess, storage
 from pipeline.decode import DecodeError, RawImage, read_and_decode
 from pipeline.plan import IMAGE_EXTENSIONS
 from pipeline.preprocess import model_input
@@ -959,36 +963,142 @@ def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = 
     folder, dest = Path(folder), Path(dest)
     images, annotations = [], []
     for image_path, label_path in labelled_images(folder, suffix):
-        labels = read_and_decode(str(label_path), max_pixels=2**40)
-        if isinstance(labels, DecodeError):
-            raise ValueError(f"cannot read label image {label_path}: {labels.kind}: {labels.message}")
-        label_map = labels.pixels[..., 0].astype(np.int64)
+        label_map = read_label_image(str(label_path))
         relative = image_path.relative_to(folder)
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
         (dest / relative).write_bytes(image_path.read_bytes())
         image_id = len(images) + 1
         height, width = label_map.shape
         images.append({"id": image_id, "file_name": str(relative), "height": height, "width": width})
-        for value in np.unique(label_map[label_map > 0]):
-            rle = mask_utils.encode(np.asfortranarray((label_map == value).astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": 0,
-                }
-            )
+        for annotation in label_image_annotations(label_map):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
     if not images:
         raise ValueError(f"no image with a '{suffix}' label image beside it under {folder}")
     path = dest / "annotations.json"
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "nucleus"}]}
     path.write_text(json.dumps(coco))
     return path
+
+
+def read_label_image(uri: str) -> np.ndarray:
+    """An instance label image as (H, W) int64: 0 background, one positive id per object.
+
+    Any format the pipeline decodes (PNG, 8/16/32-bit TIFF, float TIFFs holding whole numbers).
+
+    Raises:
+        ValueError: unreadable, more than one channel (a colour rendering of labels is not a label
+            image), or values that are negative or not whole numbers.
+    """
+    labels = read_and_decode(uri, max_pixels=2**40)
+    if isinstance(labels, DecodeError):
+        raise ValueError(f"cannot read label image {storage.redact(uri)}: {labels.kind}: {labels.message}")
+    pixels = labels.pixels
+    if pixels.shape[2] != 1:
+        raise ValueError(
+            f"label image {storage.redact(uri)} has {pixels.shape[2]} channels, expected 1 "
+            "(an integer image: 0 background, one id per object)"
+        )
+    values = pixels[..., 0]
+    label_map = values.astype(np.int64)
+    if (label_map < 0).any() or (np.issubdtype(values.dtype, np.floating) and (label_map != values).any()):
+        raise ValueError(
+            f"label image {storage.redact(uri)} holds negative or fractional values; "
+            "expected 0 for background and a positive whole-number id per object"
+        )
+    return label_map
+
+
+def label_image_annotations(label_map: np.ndarray) -> list[dict]:
+    """COCO annotations of an instance label image, one per object id in increasing order, each
+    with ``category_id`` 1, ``segmentation`` (compressed RLE, ASCII counts), ``area`` (px) and
+    ``bbox`` (x, y, w, h px) and ``iscrowd`` 0; no ``id`` or ``image_id``.
+
+    Each object is encoded in its own box (:func:`pipeline.masks.rle_strings`: the same strings
+    as ``pycocotools.mask.encode`` of the whole-image mask), so the work is O(image + boxes),
+    not O(image x objects).
+
+    Args:
+        label_map: (H, W) non-negative integers, 0 background; ids need not be consecutive.
+    """
+    rows, cols = np.nonzero(label_map)
+    if not len(rows):
+        return []
+    ids, owner = np.unique(label_map[rows, cols], return_inverse=True)
+    order = np.argsort(owner, kind="stable")
+    starts = np.searchsorted(owner[order], np.arange(len(ids)))
+    x0, x1 = np.minimum.reduceat(cols[order], starts), np.maximum.reduceat(cols[order], starts) + 1
+    y0, y1 = np.minimum.reduceat(rows[order], starts), np.maximum.reduceat(rows[order], starts) + 1
+    crops = [
+        masks.Crop(label_map[top:bottom, left:right] == value, int(left), int(top))
+        for value, left, top, right, bottom in zip(ids, x0, y0, x1, y1, strict=True)
+    ]
+    atlas = masks.CropAtlas.pack(crops)
+    counts = masks.rle_strings(masks.ColumnRuns.of(atlas), len(crops), label_map.shape)
+    height, width = label_map.shape
+    return [
+        {
+            "category_id": 1,
+            "segmentation": {"size": [height, width], "counts": rle},
+            "area": float(crop.mask.sum()),
+            "bbox": [float(crop.x0), float(crop.y0), float(crop.mask.shape[1]), float(crop.mask.shape[0])],
+            "iscrowd": 0,
+        }
+        for crop, rle in zip(crops, counts, strict=True)
+    ]
+
+
+def label_images_for_run(dest: str, labels: str, *, suffix: str = "") -> dict:
+    """COCO ground truth (a dict) for a run's images from instance label images in another folder.
+
+    The image ``SOURCE/a/b/NAME.ext`` of the run is annotated by ``labels/a/b/NAME{suffix}.*``
+    (any image format; with several, the one with the image's own extension): the layout of
+    StarDist's and Cellpose's ``images/`` and ``masks/`` folders (``suffix`` "") and of
+    label images named ``NAME_labels`` (``suffix`` "_labels"). Images of the run without a
+    label image are left out of the truth (not scored); one class, named after the run's
+    model's first class.
+
+    Raises:
+        ValueError: a slide run (its truth is in level-0 coordinates: give COCO annotations),
+            no label image for any image of the run, two label images for one image, a label
+            image of another size than its image, or an unreadable one (:func:`read_label_image`).
+    """
+    run = commit.read_json(storage.join(dest, "run.json"))
+    if run.get("slides"):
+        raise ValueError("label images annotate tiles; a slide run needs COCO annotations in level-0 pixels")
+    source = run["settings"]["source"].rstrip("/") + "/"
+    root = labels.rstrip("/") + "/"
+    by_key: dict[str, list[str]] = collections.defaultdict(list)
+    for uri in plan.iter_images(labels):
+        by_key[str(PurePosixPath(uri[len(root) :]).with_suffix(""))].append(uri)
+    images, annotations = [], []
+    table = read_table(dest, "images")
+    for row in table[table["status"] == "ok"].itertuples():
+        relative = PurePosixPath(row.uri[len(source) :])
+        candidates = by_key.get(str(relative.with_suffix("")) + suffix, [])
+        same_format = [uri for uri in candidates if uri.endswith(relative.suffix)]
+        if len(same_format) == 1:
+            candidates = same_format
+        if len(candidates) > 1:
+            raise ValueError(f"{len(candidates)} label images for {relative}: {', '.join(candidates)}")
+        if not candidates:
+            continue
+        label_map = read_label_image(candidates[0])
+        if label_map.shape != (row.height, row.width):
+            raise ValueError(
+                f"label image {storage.redact(candidates[0])} is {label_map.shape[1]} x "
+                f"{label_map.shape[0]} px, its image {relative} {row.width} x {row.height}"
+            )
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": str(relative), "height": row.height, "width": row.width})
+        for annotation in label_image_annotations(label_map):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
+    if not images:
+        raise ValueError(
+            f"no label image under {storage.redact(labels)} for any image of the run "
+            f"(looked for the image's relative path with '{suffix}' before any image extension)"
+        )
+    classes = run.get("model", {}).get("card", {}).get("classes") or ["object"]
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": classes[0]}]}
 
 
 def plot_sweep(table: pd.DataFrame, path: str) -> None:

@@ -29,12 +29,15 @@ from pipeline.evaluate import (
     equivalent_diameters,
     evaluate,
     image_matches_at_50,
+    label_image_annotations,
+    label_images_for_run,
     label_images_to_coco,
     labelled_images,
     match_masks,
     misses,
     object_contrast,
     per_image_evaluation,
+    read_label_image,
     sweep,
     touching_objects,
 )
@@ -574,12 +577,14 @@ def test_misses_job_prints_json_and_refuses_scores_the_run_never_kept(archive, t
     assert usage.value.code == 2 and "--other-score-threshold needs --compare" in capsys.readouterr().err
 
 
-def test_a_reader_that_stops_early_ends_the_report_quietly(archive, tmp_path):
+@pytest.mark.parametrize("report", [[], ["--misses"]])
+def test_a_reader_that_stops_early_ends_the_report_quietly(archive, tmp_path, report):
     """``jobs.evaluate RUN --annotations A | head``: exit 141 (128 + SIGPIPE, as a shell reports a
-    tool the signal ended), nothing on stderr, where a BrokenPipeError traceback was."""
+    tool the signal ended), nothing on stderr, where a BrokenPipeError traceback was (and, for the
+    reports printed while the truth file is open, a usage error)."""
     write_run_from_ground_truth(archive, tmp_path / "run")
     command = [sys.executable, "-m", "jobs.evaluate", str(tmp_path / "run")]
-    command += ["--annotations", str(archive / "annotations.json")]
+    command += ["--annotations", str(archive / "annotations.json"), *report]
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line
     job = subprocess.Popen(command, cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True)
@@ -641,3 +646,146 @@ def test_label_images_pair_with_their_image_in_the_same_or_another_format(tmp_pa
     assert (tmp_path / "archive/other/b.png").exists() and not (
         tmp_path / "archive/other/b_labels.tif"
     ).exists()
+
+
+def test_label_image_annotations_equal_pycocotools_of_each_whole_mask():
+    """Each object encoded in its box gives the RLE, area and box that pycocotools gives for its
+    whole-image mask: ids out of order and far apart, an object in two pieces, one spanning the
+    full height (its runs continue from one column into the next) and ones on the borders."""
+    rng = np.random.default_rng(5)
+    label_map = np.zeros((37, 53), np.int64)
+    for value in (9, 3, 40000, 12, 700):
+        x, y = rng.integers(0, 48), rng.integers(0, 32)
+        label_map[y : y + rng.integers(2, 9), x : x + rng.integers(2, 9)] = value
+    label_map[:, 20:22] = 5  # the full height
+    label_map[0:3, 50:53] = 77
+    label_map[34:37, 0:4] = 77  # the same id again, elsewhere
+    ours = label_image_annotations(label_map)
+    values = [v for v in np.unique(label_map) if v]
+    assert len(ours) == len(values) == 7
+    for value, annotation in zip(values, ours, strict=True):
+        reference = mask_utils.encode(np.asfortranarray((label_map == value).astype(np.uint8)))
+        assert annotation["segmentation"]["counts"] == reference["counts"].decode("ascii")
+        assert annotation["segmentation"]["size"] == [37, 53]
+        assert annotation["area"] == float(mask_utils.area(reference))
+        assert annotation["bbox"] == [float(v) for v in mask_utils.toBbox(reference)]
+    assert label_image_annotations(np.zeros((8, 8), np.int64)) == []
+
+
+def test_a_label_image_is_one_channel_of_whole_non_negative_ids(tmp_path):
+    """Float TIFFs of whole numbers read as ids; a colour rendering of labels, fractions and
+    negative values are refused with the reason."""
+    import cv2
+    import tifffile
+
+    ids = np.zeros((16, 16), np.uint16)
+    ids[2:6, 2:6], ids[8:12, 9:14] = 3, 1000
+    tifffile.imwrite(tmp_path / "float.tif", ids.astype(np.float32))
+    assert np.array_equal(read_label_image(str(tmp_path / "float.tif")), ids)
+    cv2.imwrite(str(tmp_path / "ids16.png"), ids)
+    assert np.array_equal(read_label_image(str(tmp_path / "ids16.png")), ids)
+    cv2.imwrite(str(tmp_path / "colour.png"), np.dstack([ids.astype(np.uint8)] * 3))
+    tifffile.imwrite(tmp_path / "half.tif", ids.astype(np.float32) / 2)
+    tifffile.imwrite(tmp_path / "negative.tif", -ids.astype(np.int32))
+    refusals = (("colour.png", "3 channels"), ("half.tif", "fractional"), ("negative.tif", "negative"))
+    for name, reason in refusals:
+        with pytest.raises(ValueError, match=reason):
+            read_label_image(str(tmp_path / name))
+
+
+def _paint_labels(coco: dict, image_id: int) -> np.ndarray:
+    """The label image of one image's objects: ids 1.. in annotation order, later objects on top."""
+    info = next(im for im in coco["images"] if im["id"] == image_id)
+    label_map = np.zeros((info["height"], info["width"]), np.uint16)
+    objects = [a for a in coco["annotations"] if a["image_id"] == image_id]
+    for k, annotation in enumerate(objects, start=1):
+        label_map[mask_utils.decode(annotation["segmentation"]).astype(bool)] = k
+    return label_map
+
+
+def test_evaluate_with_label_images_in_another_folder_scores_as_a_coco_file_of_them(
+    archive, tmp_path, capsys
+):
+    """``--labels masks/``: each image's label image at its relative path (another format will do),
+    an image without one left out; the report equals the one from a COCO file written from the same
+    label images with pycocotools."""
+    import cv2
+    import tifffile
+
+    from jobs import evaluate as evaluate_job
+
+    coco = write_run_from_ground_truth(archive, tmp_path / "run")
+    masks_dir, expected = tmp_path / "masks", {"images": [], "annotations": [], "categories": []}
+    expected["categories"] = [{"id": 1, "name": "nucleus"}]
+    for info in coco["images"][1:]:  # the first image has no label image
+        label_map = _paint_labels(coco, info["id"])
+        stem = masks_dir / os.path.splitext(info["file_name"])[0]
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        if info["id"] % 2:
+            tifffile.imwrite(f"{stem}.tif", label_map)
+        else:
+            assert cv2.imwrite(f"{stem}.png", label_map)
+        image_id = len(expected["images"]) + 1
+        expected["images"].append({**info, "id": image_id})
+        for value in np.unique(label_map[label_map > 0]):
+            rle = mask_utils.encode(np.asfortranarray((label_map == value).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            expected["annotations"].append(
+                {
+                    "id": len(expected["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+    (tmp_path / "expected.json").write_text(json.dumps(expected))
+    run = str(tmp_path / "run")
+    assert evaluate_job.main([run, "--annotations", str(tmp_path / "expected.json"), "--json"]) == 0
+    from_coco = json.loads(capsys.readouterr().out)
+    assert evaluate_job.main([run, "--labels", str(masks_dir), "--json"]) == 0
+    from_labels = json.loads(capsys.readouterr().out)
+    assert from_labels == from_coco and from_labels["images"] == len(coco["images"]) - 1
+    assert from_labels["segm.AP50"] > 0.9  # the run's instances are the objects the labels paint
+
+    first = coco["images"][0]["file_name"]
+    renamed = masks_dir / f"{os.path.splitext(first)[0]}_m.tif"
+    tifffile.imwrite(renamed, _paint_labels(coco, coco["images"][0]["id"]))
+    only = label_images_for_run(run, str(masks_dir), suffix="_m")
+    assert [im["file_name"] for im in only["images"]] == [first]
+
+
+def test_label_images_that_do_not_fit_their_run_are_refused_in_one_line(archive, tmp_path, capsys):
+    """A label image of another size, two that could annotate one image, none at all, a slide run,
+    and flags that do not go together: a one-line error each, exit 2."""
+    import tifffile
+
+    from jobs import evaluate as evaluate_job
+
+    coco = write_run_from_ground_truth(archive, tmp_path / "run")
+    run, masks_dir = str(tmp_path / "run"), tmp_path / "masks"
+    stem = masks_dir / os.path.splitext(coco["images"][0]["file_name"])[0]
+    stem.parent.mkdir(parents=True)
+    tifffile.imwrite(f"{stem}.tif", np.ones((10, 10), np.uint16))
+
+    def refused(*args: str) -> str:
+        assert evaluate_job.main([run, *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        return err
+
+    assert "10 x 10 px" in refused("--labels", str(masks_dir))
+    tifffile.imwrite(f"{stem}.tiff", np.ones((10, 10), np.uint16))
+    assert "2 label images" in refused("--labels", str(masks_dir))
+    assert "no label image" in refused("--labels", str(masks_dir), "--label-suffix", "_none")
+    exclusive = (["--label-suffix", "_m", "--annotations", "a.json"], ["--labels", "m", "--annotations", "a"])
+    for flags in exclusive:
+        with pytest.raises(SystemExit) as usage:
+            evaluate_job.main([run, *flags])
+        assert usage.value.code == 2
+    capsys.readouterr()
+    commit.write_json(str(tmp_path / "slides" / "run.json"), {"slides": 2, "settings": {"source": "x"}})
+    with pytest.raises(ValueError, match="slide run"):
+        label_images_for_run(str(tmp_path / "slides"), str(masks_dir))
