@@ -6,8 +6,10 @@ comparing only pairs of instances whose crops overlap, and only inside the
 overlap window (no full canvases):
 
 * :func:`suppress_overlaps`: drop an instance whose mask overlaps a
-  higher-scoring kept instance's mask by more than ``threshold`` of the
-  smaller mask (intersection over the smaller area);
+  higher-scoring kept instance's mask, holes filled, by more than
+  ``threshold`` of the smaller mask (intersection over the smaller area): a
+  fragment inside a whole object, or lying in a hole of its mask (a dark
+  nucleolus inside a nucleus), is part of it;
 * :func:`exclusive_pixels`: give each pixel to the highest-scoring instance
   only (the label-map convention of cell-segmentation tools).
 
@@ -16,6 +18,7 @@ Crops must be in descending score order.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from pipeline.masks import Crop
@@ -55,23 +58,37 @@ def _overlap(a: Crop, b: Crop) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def filled(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (bool, H x W) with its holes filled: every background pixel that no path of
+    4-connected background pixels joins to the crop's edge becomes foreground."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    outside = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
+    cv2.floodFill(padded, outside, (0, 0), 1, flags=4)
+    return mask | (padded[1:-1, 1:-1] == 0)
+
+
 def suppress_overlaps(crops: list[Crop], threshold: float) -> np.ndarray:
     """Bool (N,) keep: False where a mask overlaps a kept higher-scoring one by > ``threshold``.
 
-    The overlap is intersection / smaller area. ``threshold >= 1`` keeps everything.
-    Empty masks are kept here (the caller drops them as empty).
+    The overlap is the intersection with the higher-scoring mask, its holes filled (:func:`filled`),
+    over the smaller of the two masks' areas, so an instance lying in a hole of a higher-scoring one
+    counts as inside it. ``threshold >= 1`` keeps everything. Empty masks are kept here (the caller
+    drops them as empty).
     """
     keep = np.ones(len(crops), bool)
     if threshold >= 1 or len(crops) < 2:
         return keep
     areas = np.array([int(c.mask.sum()) for c in crops])
+    regions: dict[int, Crop] = {}
     for j, earlier in enumerate(overlapping_pairs(crops)):
         if areas[j] == 0:
             continue
         for i in earlier:
             if not keep[i] or areas[i] == 0:
                 continue
-            a, b = _overlap(crops[i], crops[j])
+            if i not in regions:
+                regions[i] = Crop(filled(crops[i].mask), crops[i].x0, crops[i].y0)
+            a, b = _overlap(regions[i], crops[j])
             intersection = int(np.count_nonzero(a & b))
             if intersection > threshold * min(areas[i], areas[j]):
                 keep[j] = False
