@@ -89,6 +89,13 @@ def _parser() -> ArgumentParser:
     )
     plan.add_argument("--slide-pattern", help="regex with a named group 'slide' (default: parent folder)")
     plan.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="leave out files whose path relative to SOURCE matches (repeat for several; '*' crosses "
+        "folders): e.g. --exclude '*_labels.*' for label images kept beside their images",
+    )
+    plan.add_argument(
         "--max-pixels",
         type=int,
         help=f"larger images get status too_large (default {segment.DEFAULT_MAX_PIXELS})",
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": args.weights,
         "shard_size": args.shard_size,
         "slide_pattern": args.slide_pattern,
+        "exclude": tuple(args.exclude) if args.exclude else None,
         "score_threshold": args.score_threshold,
         "mask_threshold": args.mask_threshold,
         "max_detections": args.max_detections,

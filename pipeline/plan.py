@@ -26,6 +26,7 @@ by one).
 from __future__ import annotations
 
 import collections
+import fnmatch
 import itertools
 import math
 import re
@@ -114,6 +115,13 @@ def _is_image(relative: PurePosixPath) -> bool:
     return relative.suffix.lower() in IMAGE_EXTENSIONS and not any(p.startswith(".") for p in relative.parts)
 
 
+def excluded(relative: PurePosixPath, patterns: tuple[str, ...]) -> bool:
+    """Does the path relative to the source match one of ``patterns`` (shell globs, case-sensitive,
+    ``*`` crossing folders: ``*_labels.*`` matches ``a/b/x_labels.tif``)?"""
+    text = relative.as_posix()
+    return any(fnmatch.fnmatchcase(text, pattern) for pattern in patterns)
+
+
 def iter_images(
     source: str, *, listers: int = LISTERS, filesystem: pafs.FileSystem | None = None
 ) -> Iterator[str]:
@@ -141,8 +149,12 @@ def check_source(source: str, filesystem: pafs.FileSystem | None = None) -> tupl
     return fs, root
 
 
-def _no_images_message(source: str) -> str:
-    return f"no image files under {storage.redact(source)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+def _no_images_message(source: str, exclude: tuple[str, ...] = ()) -> str:
+    left_out = f"; --exclude {' '.join(exclude)} left out the rest" if exclude else ""
+    return (
+        f"no image files under {storage.redact(source)} "
+        f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}{left_out})"
+    )
 
 
 def check_source_top_level(source: str) -> list[pafs.FileInfo]:
@@ -176,6 +188,7 @@ def iter_listing(
     listers: int = LISTERS,
     filesystem: pafs.FileSystem | None = None,
     top_level: list[pafs.FileInfo] | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, int | None]]:
     """(URI, size in bytes) of the image files under ``source`` (recursive), sorted, as a stream.
 
@@ -187,7 +200,8 @@ def iter_listing(
     ``filesystem`` lists ``source`` as a path on that filesystem instead of
     resolving it as a URI (a generated listing in benchmarks and tests).
     ``top_level``: the top level as :func:`check_source_top_level` listed it
-    (neither checked nor listed again).
+    (neither checked nor listed again). ``exclude``: files whose path relative
+    to ``source`` matches one of these globs are left out (:func:`excluded`).
 
     Raises:
         PlanError: the source does not exist or is not a folder/prefix.
@@ -206,15 +220,16 @@ def iter_listing(
     def relative(path: str) -> PurePosixPath:
         return PurePosixPath(path[len(root) :].lstrip("/"))
 
+    def wanted(entry: pafs.FileInfo) -> bool:
+        path = relative(entry.path)
+        return entry.type == pafs.FileType.File and _is_image(path) and not excluded(path, exclude)
+
     def list_folder(entry: pafs.FileInfo) -> list[tuple[str, int | None]]:
         if entry.type != pafs.FileType.Directory:
-            is_file = entry.type == pafs.FileType.File
-            return [(entry.path, entry.size)] if is_file and _is_image(relative(entry.path)) else []
+            return [(entry.path, entry.size)] if wanted(entry) else []
         selector = pafs.FileSelector(entry.path, recursive=True)
         listed = storage.retry_transient(lambda: fs.get_file_info(selector))
-        return sorted(
-            (e.path, e.size) for e in listed if e.type == pafs.FileType.File and _is_image(relative(e.path))
-        )
+        return sorted((e.path, e.size) for e in listed if wanted(e))
 
     with ThreadPoolExecutor(listers, thread_name_prefix="list") as pool:
         for entries in bounded_map(pool, list_folder, top, listers):
@@ -236,7 +251,7 @@ class Plan:
     With ``shard_size`` None, up to :data:`AUTO_SHARD_LOOKAHEAD` images are
     listed at construction and :func:`choose_shard_size` picks the size for
     ``replicas``; ``self.shard_size`` is the size used either way.
-    ``filesystem``, ``top_level``: see :func:`iter_listing`. ``slide_settings``: how windows
+    ``filesystem``, ``top_level``, ``exclude``: see :func:`iter_listing`. ``slide_settings``: how windows
     are laid on slide files; after iteration ``self.slides`` holds one
     ``slides`` row per slide file (:data:`schemas.SLIDES`).
 
@@ -255,6 +270,7 @@ class Plan:
         filesystem: pafs.FileSystem | None = None,
         slide_settings: SlideSettings | None = None,
         top_level: list[pafs.FileInfo] | None = None,
+        exclude: tuple[str, ...] = (),
     ):
         if shard_size is not None and shard_size < 1:
             raise PlanError(f"shard size must be at least 1, got {shard_size}")
@@ -262,7 +278,8 @@ class Plan:
         self._namer = SlideNamer(source, slide_pattern)
         self._slide_settings = slide_settings or SlideSettings()
         self.slides: list[dict] = []
-        self._listing = iter_listing(source, filesystem=filesystem, top_level=top_level)
+        self._exclude = exclude
+        self._listing = iter_listing(source, filesystem=filesystem, top_level=top_level, exclude=exclude)
         self._lookahead: list[tuple[str, int | None]] = []
         if shard_size is None:
             for uri in self._listing:
@@ -290,7 +307,7 @@ class Plan:
                 f"no slide under {storage.redact(self.source)} has a window to segment ({reasons})"
             )
         elif shard_id == 0:
-            raise PlanError(_no_images_message(self.source))
+            raise PlanError(_no_images_message(self.source, self._exclude))
 
     def _units(self, listing) -> Iterator[tuple[str, str, dict | None]]:
         """(uri, slide_id, window columns or None) per manifest row, in listing order; slides are planned

@@ -89,6 +89,9 @@ class PinnedSettings:
     shard_size: int | None = None
     """Images per shard; None: chosen from the archive's size and the replicas (recorded when planned)."""
     slide_pattern: str | None = None
+    exclude: tuple[str, ...] = ()
+    """Globs of paths relative to the source left out of the plan (label images kept beside their images,
+    thumbnails); runs made before it had none."""
     score_threshold: float | None = None
     mask_threshold: float | None = None
     max_detections: int | None = None
@@ -250,7 +253,9 @@ def pinned_from_run_json(settings: dict[str, Any]) -> PinnedSettings:
     """The settings a run.json pins. A setting added since the run was made takes the value that
     reproduces it: runs made before whole-slide support segmented plain images whole (no
     ``tile_size``), runs made before ``--scale`` at native size (1)."""
-    return PinnedSettings(**{"tile_size": None, "scale": 1.0, **settings})
+    pinned = {"tile_size": None, "scale": 1.0, **settings}
+    pinned["exclude"] = tuple(pinned.get("exclude", ()))  # a JSON list
+    return PinnedSettings(**pinned)
 
 
 def _resolved_thresholds(pinned: PinnedSettings, card: ModelCard) -> PinnedSettings:
@@ -637,6 +642,7 @@ def new_run(dest: str, pinned: PinnedSettings, execution: ExecutionSettings) -> 
             shard_size=pinned.shard_size,
             replicas=replicas.count,
             slide_pattern=pinned.slide_pattern,
+            exclude=pinned.exclude,
             slide_settings=replace(
                 pinned.slide_settings(), preprocessing=settings.preprocessing, default_mpp=loaded.card.mpp
             ),

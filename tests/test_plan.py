@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -17,7 +19,9 @@ from pipeline.plan import (
     SlideNamer,
     check_source_top_level,
     choose_shard_size,
+    excluded,
     iter_images,
+    iter_listing,
     plain_image_row,
 )
 from schemas import MANIFEST
@@ -85,6 +89,24 @@ def test_lists_images_recursively_sorted_case_insensitive(tree):
         "b-slide/t2.PNG",
         "top.bmp",
     ]
+
+
+def test_excluded_paths_are_left_out_of_the_listing_and_the_plan(tree):
+    """Globs match the path relative to the source, '*' crossing folders; a plan with nothing left
+    says what --exclude left out."""
+    for rel in ("a-slide/y_labels.tif", "b-slide/deep/t1_labels.png", "top_labels.bmp"):
+        (tree / rel).parent.mkdir(exist_ok=True)
+        (tree / rel).write_bytes(b"x")
+    everything = [u[len(str(tree)) + 1 :] for u in iter_images(str(tree))]
+    kept = [u[len(str(tree)) + 1 :] for u, _ in iter_listing(str(tree), exclude=("*_labels.*", "a/*"))]
+    assert kept == [r for r in everything if "_labels." not in r and not r.startswith("a/")]
+    assert len(everything) - len(kept) == 4
+    assert excluded(PurePosixPath("x/y/z_labels.tif"), ("*_labels.*",))
+    assert not excluded(PurePosixPath("x/Y_LABELS.tif"), ("*_labels.*",))  # case-sensitive
+    rows = pa.concat_tables(s.rows for s in Plan(str(tree), shard_size=4, exclude=("*_labels.*",)))
+    assert rows.num_rows == len(everything) - 3
+    with pytest.raises(PlanError, match=r"--exclude \* left out the rest"):
+        list(Plan(str(tree), shard_size=4, exclude=("*",)))
 
 
 @pytest.mark.parametrize("shard_size", [1, 3, 4, 100])

@@ -161,8 +161,9 @@ def test_a_run_takes_the_cards_threshold_for_its_test_time_augmentation_unless_g
 def test_runs_made_before_a_setting_existed_resume_as_they_were_made():
     made_before = segment.pinned_from_run_json({"source": "s"})
     assert (made_before.tile_size, made_before.scale, made_before.tta) == (None, 1.0, "none")
-    new = segment.PinnedSettings(source="s", scale=2.0)
-    assert segment.pinned_from_run_json(asdict(new)) == new
+    new = segment.PinnedSettings(source="s", scale=2.0, exclude=("*_labels.*",))
+    assert segment.pinned_from_run_json(json.loads(json.dumps(asdict(new)))) == new  # as run.json holds it
+    assert made_before.exclude == ()
     assert segment.PinnedSettings(source="s").scale == "auto"
 
 
@@ -407,6 +408,18 @@ def test_the_shard_size_chooses_itself_and_is_pinned(ray_local, archive, random_
     run_json = json.loads((dest / "run.json").read_text())
     assert run_json["settings"]["shard_size"] == 16 and run_json["shards"] == 1
     assert run("--resume", dest, "--shard-size", 8) == 2
+
+
+def test_excluded_files_are_not_planned_and_the_globs_are_pinned(
+    ray_local, archive, random_model_path, tmp_path
+):
+    dest = tmp_path / "excluded"
+    assert run(archive, "--output", dest, "--model", random_model_path, "--exclude", "slide-001/*") == 0
+    images = pd.read_parquet(dest / "images")
+    assert len(images) == 3 and set(images["slide_id"]) == {"slide-000"}
+    assert json.loads((dest / "run.json").read_text())["settings"]["exclude"] == ["slide-001/*"]
+    assert run("--resume", dest, "--exclude", "slide-001/*") == 0
+    assert run("--resume", dest, "--exclude", "*.png") == 2
 
 
 def test_an_older_run_with_its_markers_and_schema_still_resumes(finished_run, tmp_path):
