@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         action="append",
         default=[],
-        help="folder of real images with *_labels.* label images beside (repeat for several; a row each)",
+        help="folder of real images with *_labels.* label images beside, or with images/ and masks/ "
+        "folders (label images at the images' relative paths); repeat for several, a row each",
     )
     robust.add_argument(
         "--cell-bodies",
@@ -176,7 +177,10 @@ def _robustness(parser, args) -> int:
         if not folder.is_dir():
             parser.error(f"--real {folder} is not a folder")
         if not labelled_images(folder):
-            parser.error(f"--real {folder} has no image with a NAME_labels label image beside it")
+            parser.error(
+                f"--real {folder} has no image with a NAME_labels label image beside it, "
+                "nor images/ and masks/ folders of them"
+            )
     if len({folder.name for folder in args.real}) < len(args.real):
         parser.error("--real folders must have different names (each names its row)")
     parser.require_fraction(args, "cell_bodies")

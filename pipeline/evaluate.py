@@ -928,30 +928,49 @@ def _band_names(edges: np.ndarray) -> list[str]:
 
 
 def labelled_images(folder: str | Path, suffix: str = "_labels") -> list[tuple[Path, Path]]:
-    """(image, label image) pairs under ``folder``: a label image ``NAME{suffix}.EXT`` annotates the
-    image ``NAME.EXT`` beside it or, if there is none, the one image ``NAME.*`` of another format
-    (PNG images with TIFF label images); a label image with several such images beside it is skipped.
+    """(image, label image) pairs under ``folder``, in one of two layouts.
+
+    * Beside: a label image ``NAME{suffix}.EXT`` annotates the image ``NAME.EXT`` beside it or, if
+      there is none, the one image ``NAME.*`` of another format (PNG images with TIFF label images).
+    * Folders: when ``folder`` holds ``images/`` and ``masks/`` (StarDist's and the Cell Tracking
+      Challenge's layout), ``masks/a/NAME.*`` annotates ``images/a/NAME.*``, by the same rule.
+
+    A label image that could annotate several images is skipped.
     """
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    folder = Path(folder)
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    if images_dir.is_dir() and masks_dir.is_dir():
+        images, labels, suffix = _image_files(images_dir), _image_files(masks_dir), ""
+        image_root, label_root = images_dir, masks_dir
+    else:
+        images = labels = _image_files(folder)
+        image_root = label_root = folder
     by_name: dict[tuple[Path, str], list[Path]] = collections.defaultdict(list)
-    for path in files:
-        by_name[path.parent, path.stem].append(path)
+    for path in images:
+        by_name[path.parent.relative_to(image_root), path.stem].append(path)
     pairs = []
-    for label_path in files:
+    for label_path in labels:
         if not label_path.stem.endswith(suffix):
             continue
-        images = by_name.get((label_path.parent, label_path.stem[: -len(suffix)]), [])
-        same_format = [p for p in images if p.suffix == label_path.suffix]
-        if same_format or len(images) == 1:
-            pairs.append(((same_format or images)[0], label_path))
+        name = label_path.stem[: len(label_path.stem) - len(suffix)]
+        candidates = by_name.get((label_path.parent.relative_to(label_root), name), [])
+        same_format = [p for p in candidates if p.suffix == label_path.suffix]
+        if same_format or len(candidates) == 1:
+            pairs.append(((same_format or candidates)[0], label_path))
     return pairs
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` (recursive) with an image extension, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = "_labels") -> Path:
-    """An archive with COCO ground truth from a folder of images with instance label images beside them.
+    """An archive with COCO ground truth from a folder of images with instance label images.
 
     ``NAME.png`` (any image format) is annotated by ``NAME{suffix}.png`` or
-    ``NAME{suffix}.tif`` (see :func:`labelled_images`), an integer label
+    ``NAME{suffix}.tif`` beside it, or by ``masks/NAME.*`` when the images are
+    under ``images/`` (see :func:`labelled_images`), an integer label
     image (0 background, one id per object). Each annotated
     image is copied to ``dest`` (same relative path; label images are not, so
     ``dest`` can be segmented as it is), and ``dest/annotations.json`` is
@@ -973,7 +992,10 @@ def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = 
         for annotation in label_image_annotations(label_map):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
     if not images:
-        raise ValueError(f"no image with a '{suffix}' label image beside it under {folder}")
+        raise ValueError(
+            f"no image with a '{suffix}' label image beside it, nor images/ and masks/ folders, "
+            f"under {folder}"
+        )
     path = dest / "annotations.json"
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "nucleus"}]}
     path.write_text(json.dumps(coco))

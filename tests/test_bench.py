@@ -131,7 +131,7 @@ def test_robustness_refuses_a_real_folder_without_label_images_before_any_work(t
     (tmp_path / "a.tif").write_bytes(b"not read")
     wrong = bench("robustness", "--real", str(tmp_path), timeout=60)
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
-    assert wrong.stderr.strip().endswith("has no image with a NAME_labels label image beside it (see --help)")
+    assert wrong.stderr.strip().endswith("nor images/ and masks/ folders of them (see --help)")
     for name in ("x", "y"):
         folder = tmp_path / name / "real"
         folder.mkdir(parents=True)

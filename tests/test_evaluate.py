@@ -648,6 +648,37 @@ def test_label_images_pair_with_their_image_in_the_same_or_another_format(tmp_pa
     ).exists()
 
 
+def test_label_images_pair_from_images_and_masks_folders(tmp_path):
+    """StarDist's and the Cell Tracking Challenge's layout: ``masks/a/NAME.*`` annotates
+    ``images/a/NAME.*``, in another format too; an image without a mask is not annotated; the
+    archive keeps the images' paths under ``images/`` and leaves the masks out."""
+    import cv2
+
+    image = np.zeros((32, 32), np.uint8)
+    labels = np.zeros((32, 32), np.uint16)
+    cv2.circle(image, (10, 10), 5, 200, -1)
+    cv2.circle(labels, (10, 10), 5, 3, -1)
+    files = {
+        "images/set/t01.tif": image,
+        "masks/set/t01.png": labels,
+        "images/set/t02.png": image,
+        "images/t03.png": image,
+        "masks/t03.png": labels,
+        "masks/t04.png": labels,  # no image
+    }
+    for name, pixels in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(tmp_path / name), pixels)
+    pairs = {
+        (i.relative_to(tmp_path).as_posix(), m.relative_to(tmp_path).as_posix())
+        for i, m in labelled_images(tmp_path)
+    }
+    assert pairs == {("images/set/t01.tif", "masks/set/t01.png"), ("images/t03.png", "masks/t03.png")}
+    coco = json.loads(label_images_to_coco(tmp_path, tmp_path / "archive").read_text())
+    assert sorted(im["file_name"] for im in coco["images"]) == ["images/set/t01.tif", "images/t03.png"]
+    assert len(coco["annotations"]) == 2 and not (tmp_path / "archive" / "masks").exists()
+
+
 def test_label_image_annotations_equal_pycocotools_of_each_whole_mask():
     """Each object encoded in its box gives the RLE, area and box that pycocotools gives for its
     whole-image mask: ids out of order and far apart, an object in two pieces, one spanning the
