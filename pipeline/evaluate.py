@@ -986,11 +986,7 @@ def label_images_to_coco(folder: str | Path, dest: str | Path, *, suffix: str = 
         relative = image_path.relative_to(folder)
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
         (dest / relative).write_bytes(image_path.read_bytes())
-        image_id = len(images) + 1
-        height, width = label_map.shape
-        images.append({"id": image_id, "file_name": str(relative), "height": height, "width": width})
-        for annotation in label_image_annotations(label_map):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
+        _append_labelled(images, annotations, str(relative), label_map)
     if not images:
         raise ValueError(
             f"no image with a '{suffix}' label image beside it, nor images/ and masks/ folders, "
@@ -1069,6 +1065,18 @@ def label_image_annotations(label_map: np.ndarray) -> list[dict]:
     ]
 
 
+def _append_labelled(
+    images: list[dict], annotations: list[dict], file_name: str, label_map: np.ndarray
+) -> None:
+    """Add an image and the objects of its label image (:func:`label_image_annotations`) to a COCO
+    file's ``images`` and ``annotations`` lists, numbering both on from their lengths."""
+    height, width = label_map.shape
+    image_id = len(images) + 1
+    images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+    for annotation in label_image_annotations(label_map):
+        annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
+
+
 def label_images_for_run(dest: str, labels: str, *, suffix: str = "") -> dict:
     """COCO ground truth (a dict) for a run's images from instance label images in another folder.
 
@@ -1110,10 +1118,7 @@ def label_images_for_run(dest: str, labels: str, *, suffix: str = "") -> dict:
                 f"label image {storage.redact(candidates[0])} is {label_map.shape[1]} x "
                 f"{label_map.shape[0]} px, its image {relative} {row.width} x {row.height}"
             )
-        image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": str(relative), "height": row.height, "width": row.width})
-        for annotation in label_image_annotations(label_map):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
+        _append_labelled(images, annotations, str(relative), label_map)
     if not images:
         raise ValueError(
             f"no label image under {storage.redact(labels)} for any image of the run "
