@@ -953,11 +953,18 @@ def labelled_images(folder: str | Path, suffix: str = "_labels") -> list[tuple[P
         if not label_path.stem.endswith(suffix):
             continue
         name = label_path.stem[: len(label_path.stem) - len(suffix)]
-        candidates = by_name.get((label_path.parent.relative_to(label_root), name), [])
-        same_format = [p for p in candidates if p.suffix == label_path.suffix]
-        if same_format or len(candidates) == 1:
-            pairs.append(((same_format or candidates)[0], label_path))
+        chosen = _counterparts(by_name.get((label_path.parent.relative_to(label_root), name), []), label_path)
+        if len(chosen) == 1:
+            pairs.append((chosen[0], label_path))
     return pairs
+
+
+def _counterparts(candidates: list, other) -> list:
+    """Which of ``candidates`` (files or URIs of one name in any image format) pair with ``other``:
+    the one in ``other``'s format if there is one, else all of them (one: the pair; several: no
+    pair can be told)."""
+    same_format = [c for c in candidates if PurePosixPath(str(c)).suffix == PurePosixPath(str(other)).suffix]
+    return same_format if len(same_format) == 1 else candidates
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -1104,10 +1111,7 @@ def label_images_for_run(dest: str, labels: str, *, suffix: str = "") -> dict:
     table = read_table(dest, "images")
     for row in table[table["status"] == "ok"].itertuples():
         relative = PurePosixPath(row.uri[len(source) :])
-        candidates = by_key.get(str(relative.with_suffix("")) + suffix, [])
-        same_format = [uri for uri in candidates if uri.endswith(relative.suffix)]
-        if len(same_format) == 1:
-            candidates = same_format
+        candidates = _counterparts(by_key.get(str(relative.with_suffix("")) + suffix, []), relative)
         if len(candidates) > 1:
             raise ValueError(f"{len(candidates)} label images for {relative}: {', '.join(candidates)}")
         if not candidates:
