@@ -604,17 +604,32 @@ def test_the_analysis_jobs_do_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
-def test_label_images_pair_with_their_image_in_the_same_or_another_format(tmp_path):
-    """Real annotated sets store masks as TIFF beside PNG or JPEG images; ``_labels`` inside a name is
-    part of the name; a label image that could belong to two images is left out, not guessed."""
+def _discs(*discs: tuple[tuple[int, int], int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A 32 x 32 uint8 image and its uint16 label image with a disc per ``(centre, radius, brightness,
+    id)``."""
     import cv2
 
     image = np.zeros((32, 32), np.uint8)
     labels = np.zeros((32, 32), np.uint16)
-    cv2.circle(image, (10, 10), 5, 200, -1)
-    cv2.circle(labels, (10, 10), 5, 1, -1)
-    cv2.circle(image, (22, 22), 4, 120, -1)
-    cv2.circle(labels, (22, 22), 4, 7, -1)
+    for centre, radius, brightness, object_id in discs:
+        cv2.circle(image, centre, radius, brightness, -1)
+        cv2.circle(labels, centre, radius, object_id, -1)
+    return image, labels
+
+
+def _write_images(root, files: dict[str, np.ndarray]) -> None:
+    """Each array written (OpenCV, by the name's format) at its path under ``root``."""
+    import cv2
+
+    for name, pixels in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / name), pixels)
+
+
+def test_label_images_pair_with_their_image_in_the_same_or_another_format(tmp_path):
+    """Real annotated sets store masks as TIFF beside PNG or JPEG images; ``_labels`` inside a name is
+    part of the name; a label image that could belong to two images is left out, not guessed."""
+    image, labels = _discs(((10, 10), 5, 200, 1), ((22, 22), 4, 120, 7))
     files = {
         "same/a.tif": image,
         "same/a_labels.tif": labels,
@@ -627,9 +642,7 @@ def test_label_images_pair_with_their_image_in_the_same_or_another_format(tmp_pa
         "two/c_labels.tif": labels,
         "alone/d_labels.tif": labels,
     }
-    for name, pixels in files.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        assert cv2.imwrite(str(tmp_path / name), pixels)
+    _write_images(tmp_path, files)
     pairs = {(i.relative_to(tmp_path).as_posix(), m.name) for i, m in labelled_images(tmp_path)}
     assert pairs == {
         ("same/a.tif", "a_labels.tif"),
@@ -652,12 +665,7 @@ def test_label_images_pair_from_images_and_masks_folders(tmp_path):
     """StarDist's and the Cell Tracking Challenge's layout: ``masks/a/NAME.*`` annotates
     ``images/a/NAME.*``, in another format too; an image without a mask is not annotated; the
     archive keeps the images' paths under ``images/`` and leaves the masks out."""
-    import cv2
-
-    image = np.zeros((32, 32), np.uint8)
-    labels = np.zeros((32, 32), np.uint16)
-    cv2.circle(image, (10, 10), 5, 200, -1)
-    cv2.circle(labels, (10, 10), 5, 3, -1)
+    image, labels = _discs(((10, 10), 5, 200, 3))
     files = {
         "images/set/t01.tif": image,
         "masks/set/t01.png": labels,
@@ -666,9 +674,7 @@ def test_label_images_pair_from_images_and_masks_folders(tmp_path):
         "masks/t03.png": labels,
         "masks/t04.png": labels,  # no image
     }
-    for name, pixels in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(tmp_path / name), pixels)
+    _write_images(tmp_path, files)
     pairs = {
         (i.relative_to(tmp_path).as_posix(), m.relative_to(tmp_path).as_posix())
         for i, m in labelled_images(tmp_path)
